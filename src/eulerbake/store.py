@@ -1,0 +1,350 @@
+"""The local store: `store/<key>-<name>/` outputs plus `store/<key>-<name>.json` metadata.
+
+An entry exists only when both are present. Builds happen in `store/.tmp/` (same filesystem), are
+fsynced, made read-only and renamed into place; the metadata rename is the commit point, and an
+output directory without metadata is leftover from a killed build that the next build of that key
+removes. A per-key `flock` makes concurrent builders wait for each other instead of building twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eulerbake import __version__, hashing
+from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree, Source
+from eulerbake.errors import EulerbakeError
+
+Node = Derivation | Source
+DEFAULT_SOURCE_DATE_EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z, used when the recipe sets none
+
+
+@dataclass(frozen=True)
+class Realised:
+    node: Node
+    path: Path
+    built: bool  # False when the entry was already in the store
+
+
+def default_store_root(project: Path | None = None) -> Path:
+    env = os.environ.get("EULERBAKE_STORE")
+    if env:
+        return Path(env).absolute()
+    return (project or Path.cwd()) / "store"
+
+
+def _make_writable(path: Path) -> None:
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, _files in os.walk(path):
+            os.chmod(root, 0o755)
+            for d in dirs:
+                full = os.path.join(root, d)
+                if not os.path.islink(full):
+                    os.chmod(full, 0o755)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a (possibly read-only) store path or temp dir."""
+    if path.is_dir() and not path.is_symlink():
+        _make_writable(path)
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _seal(path: Path, epoch: int) -> None:
+    """fsync every file, pin mtimes to `epoch` and make the tree read-only."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            full = os.path.join(root, name)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode):
+                fd = os.open(full, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(full, 0o555 if st.st_mode & stat.S_IXUSR else 0o444)
+            os.utime(full, (epoch, epoch), follow_symlinks=False)
+        for name in dirs:
+            full = os.path.join(root, name)
+            if not os.path.islink(full):
+                os.chmod(full, 0o555)
+            os.utime(full, (epoch, epoch), follow_symlinks=False)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.chmod(path, 0o555)
+    os.utime(path, (epoch, epoch))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """A content-addressed store rooted at `root` (created on demand)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self._ready = False
+
+    # -- layout -------------------------------------------------------------------------------
+    def _ensure(self) -> None:
+        if self._ready:
+            return
+        for sub in (".tmp", ".locks", ".cache", ".roots"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        hashing.use_stat_cache(self.root / ".cache" / "stat-cache.sqlite3")
+        self._ready = True
+
+    def open_stat_cache(self) -> None:
+        """Use this store's stat cache for hashing (creates the store if needed)."""
+        self._ensure()
+
+    def path(self, node: Node) -> Path:
+        return self.root / f"{node.key}-{node.store_name}"
+
+    def meta_path(self, node: Node) -> Path:
+        return self.root / f"{node.key}-{node.store_name}.json"
+
+    def has(self, node: Node) -> bool:
+        return self.meta_path(node).is_file() and self.path(node).is_dir()
+
+    def input_path(self, value: Node | LocalFile | LocalTree) -> Path:
+        """The path a builder sees for an input: a derivation's output dir, a source's file."""
+        if isinstance(value, Source):
+            return self.path(value) / value.filename
+        if isinstance(value, Derivation):
+            return self.path(value)
+        return value.path.absolute()
+
+    @contextmanager
+    def lock(self, key: str, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        self._ensure()
+        with open(self.root / ".locks" / f"{key}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait(f"waiting for another build of {key} to finish")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- building -----------------------------------------------------------------------------
+    def realise(self, node: Node, log: Callable[[str], None] = print, _seen: set[str] | None = None) -> Realised:
+        """Make sure `node` and everything it depends on is in the store; build what is missing."""
+        self._ensure()
+        seen = _seen if _seen is not None else set()
+        if isinstance(node, Derivation):
+            for dep in node.dependencies():
+                if dep.key not in seen:
+                    self.realise(dep, log, seen)
+                    seen.add(dep.key)
+        if self.has(node):
+            return Realised(node, self.path(node), built=False)
+        with self.lock(node.key, on_wait=log):
+            if self.has(node):  # another process finished it while we waited
+                return Realised(node, self.path(node), built=False)
+            self._discard_leftovers(node)
+            self._build(node, log)
+        return Realised(node, self.path(node), built=True)
+
+    def _discard_leftovers(self, node: Node) -> None:
+        remove_tree(self.path(node))
+        for stale in (self.root / ".tmp").glob(f"{node.key}-*"):
+            remove_tree(stale)
+
+    def _build(self, node: Node, log: Callable[[str], None]) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{node.key}-", dir=self.root / ".tmp"))
+        try:
+            out = tmp / "out"
+            out.mkdir()
+            started = time.time()
+            if isinstance(node, Source):
+                epoch = DEFAULT_SOURCE_DATE_EPOCH
+                self._fetch(node, out / node.filename, log)
+                builder_ref = "eulerbake.fetch"
+            else:
+                epoch = int(node.params.get("source_date_epoch", DEFAULT_SOURCE_DATE_EPOCH))
+                work = tmp / "work"
+                work.mkdir()
+                ctx = BuildContext(
+                    inputs={name: self.input_path(value) for name, value in node.inputs.items()},
+                    params=dict(node.params),
+                    out=out,
+                    key=node.key,
+                    work=work,
+                    log=log,
+                    source_date_epoch=epoch,
+                )
+                try:
+                    node.builder(ctx)
+                except EulerbakeError:
+                    raise
+                except Exception as exc:  # a bug or unexpected failure in a builder
+                    raise EulerbakeError(
+                        f"builder for {node.task_name} failed: {type(exc).__name__}: {exc}",
+                        hint="see the traceback above (run with -v 2) and fix the recipe or its inputs",
+                    ) from exc
+                remove_tree(work)
+                builder_ref = node.manifest["builder"]["ref"]
+            _seal(out, epoch)
+            output_hash = hashing.hash_tree(out, use_cache=False)
+            meta = {
+                "key": node.key,
+                "name": node.store_name,
+                "task": node.task_name,
+                "manifest": node.manifest if isinstance(node, Derivation) else {"source": node.fingerprint()},
+                "output": {"hash": output_hash, "size": hashing.tree_size(out)},
+                "builder": builder_ref,
+                "built_at": int(started),
+                "build_seconds": round(time.time() - started, 3),
+                "built_by": {"engine": __version__, "host": socket.gethostname()},
+            }
+            meta_tmp = tmp / "meta.json"
+            with meta_tmp.open("w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(out, self.path(node))
+            os.rename(meta_tmp, self.meta_path(node))
+            _fsync_dir(self.root)
+        finally:
+            remove_tree(tmp)
+
+    def _fetch(self, source: Source, dest: Path, log: Callable[[str], None]) -> None:
+        from eulerbake import fetch  # imported lazily: most runs fetch nothing
+
+        fetch.fetch_source(source, dest, log)
+
+    # -- queries ------------------------------------------------------------------------------
+    def entries(self) -> list[dict[str, Any]]:
+        """Metadata of every committed entry, sorted by name."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for meta_file in sorted(self.root.glob("*.json")):
+            if meta_file.with_suffix("").is_dir():
+                found.append(self.read_meta(meta_file))
+        return found
+
+    @staticmethod
+    def read_meta(meta_file: Path) -> dict[str, Any]:
+        with meta_file.open() as f:
+            meta: dict[str, Any] = json.load(f)
+        meta["path"] = str(meta_file.with_suffix(""))
+        return meta
+
+    def find(self, query: str) -> dict[str, Any]:
+        """An entry by store path, `<key>-<name>`, key prefix or task name."""
+        name = Path(query).name
+        matches = [
+            meta
+            for meta in self.entries()
+            if Path(meta["path"]).name == name or meta["key"].startswith(name) or meta["task"] == query
+        ]
+        if not matches:
+            raise EulerbakeError(f"no store entry matches {query!r}", hint="list entries with `eulerbake store info`")
+        if len(matches) > 1:
+            names = ", ".join(Path(m["path"]).name for m in matches[:5])
+            raise EulerbakeError(f"{query!r} matches {len(matches)} entries: {names}", hint="give a longer key prefix")
+        return matches[0]
+
+    def verify(self, entries: Iterable[dict[str, Any]] | None = None) -> list[tuple[dict[str, Any], str]]:
+        """Re-hash entries from disk (no stat cache); return (entry, problem) for each bad one."""
+        problems = []
+        for meta in entries if entries is not None else self.entries():
+            path = Path(meta["path"])
+            try:
+                actual = hashing.hash_tree(path, use_cache=False)
+            except (OSError, ValueError) as exc:
+                problems.append((meta, f"unreadable: {exc}"))
+                continue
+            if actual != meta["output"]["hash"]:
+                problems.append((meta, f"content hash {actual[:16]}… does not match recorded {meta['output']['hash'][:16]}…"))
+            elif "source" not in meta["manifest"] and hashing.hash_json(meta["manifest"])[: len(meta["key"])] != meta["key"]:
+                problems.append((meta, "metadata manifest does not hash to the entry's key"))
+        return problems
+
+    def delete(self, meta: dict[str, Any]) -> None:
+        path = Path(meta["path"])
+        with self.lock(meta["key"]):
+            Path(str(path) + ".json").unlink(missing_ok=True)
+            remove_tree(path)
+
+    def gc(self, keep_keys: set[str], dry_run: bool = False) -> list[dict[str, Any]]:
+        """Remove entries whose key is not in `keep_keys` (plus the inputs those need) and temp dirs."""
+        entries = self.entries()
+        by_key = {meta["key"]: meta for meta in entries}
+        keep = set(keep_keys) | self.pinned_roots()
+        stack = [key for key in keep if key in by_key]
+        while stack:  # keep the closure: everything a kept entry was built from
+            for ref in self.references(by_key[stack.pop()]):
+                if ref in by_key and ref not in keep:
+                    keep.add(ref)
+                    stack.append(ref)
+        doomed = [meta for meta in entries if meta["key"] not in keep]
+        if not dry_run:
+            for meta in doomed:
+                self.delete(meta)
+            for leftover in (self.root / ".tmp").iterdir() if (self.root / ".tmp").is_dir() else []:
+                key = leftover.name.split("-", 1)[0]
+                with self.lock(key):
+                    remove_tree(leftover)
+        return doomed
+
+    def pinned_roots(self) -> set[str]:
+        """Keys named in `store/.roots/` (one file per root, holding the key): kept by `gc`."""
+        roots_dir = self.root / ".roots"
+        if not roots_dir.is_dir():
+            return set()
+        return {p.read_text().strip() for p in roots_dir.iterdir() if p.is_file()}
+
+    @staticmethod
+    def references(meta: dict[str, Any]) -> list[str]:
+        inputs = meta["manifest"].get("inputs", {})
+        return [value["key"] for value in inputs.values() if "key" in value]
+
+    def why_depends(self, start: str, target: str) -> list[dict[str, Any]] | None:
+        """A chain of entries from `start` to `target` following recorded inputs, or None."""
+        first, goal = self.find(start), self.find(target)
+        by_key = {meta["key"]: meta for meta in self.entries()}
+        parents: dict[str, str | None] = {first["key"]: None}
+        queue = [first["key"]]
+        while queue:
+            key = queue.pop(0)
+            if key == goal["key"]:
+                chain = []
+                cursor: str | None = key
+                while cursor is not None:
+                    chain.append(by_key[cursor])
+                    cursor = parents[cursor]
+                return list(reversed(chain))
+            for ref in self.references(by_key[key]):
+                if ref in by_key and ref not in parents:
+                    parents[ref] = key
+                    queue.append(ref)
+        return None
