@@ -89,9 +89,15 @@ class Source:
         return f"fetch:{self.label or self.filename}"
 
     @property
+    def pinned(self) -> bool:
+        return bool(self.sha256 and self.blake3 and self.size >= 0)
+
+    @property
     def key(self) -> str:
         # Fixed-output: the key depends on the pinned content only, never on where it came from.
-        return hashing.hash_json({"abi": ENGINE_ABI, "source": self.blake3, "name": self.filename})[:KEY_LENGTH]
+        # An unpinned source (not yet in the lock file) gets a key from its name and URLs; it cannot be fetched.
+        identity = self.blake3 if self.pinned else {"unpinned": sorted(self.urls)}
+        return hashing.hash_json({"abi": ENGINE_ABI, "source": identity, "name": self.filename})[:KEY_LENGTH]
 
     @property
     def store_name(self) -> str:

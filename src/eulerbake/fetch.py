@@ -49,6 +49,11 @@ def verify_pins(source: Source, path: Path, origin: str) -> None:
 
 def fetch_source(source: Source, dest: Path, log: Callable[[str], None] = print) -> None:
     """Fetch `source` into `dest` from the first location that works and matches the pins."""
+    if not source.pinned:
+        raise EulerbakeError(
+            f"source {source.filename} ({source.label or 'no label'}) is not pinned",
+            hint="pin it with `eulerbake lock` and review the change to recipes/sources.lock",
+        )
     errors: list[str] = []
     for location in source.urls:
         try:

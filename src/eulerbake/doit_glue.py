@@ -1,0 +1,141 @@
+"""Turn a derivation graph into doit tasks: one task per derivation, `uptodate` answered by the store.
+
+A doit user recognises every field: `actions` realise the derivation in the store, `uptodate` asks
+the store whether the derivation's key is already there, `file_dep` lists the local files that feed
+the key (checked with blake3, see `Blake3Checker`), `task_dep` follows the graph, `clean` removes the
+task's store entry. Keys are computed from hashes taken when the tasks are loaded, before anything
+runs, and the store re-checks local inputs after a build (doit records file_dep state only after the
+action, so an input edited during a build would otherwise be recorded as current).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from doit.action import TaskFailed
+from doit.dependency import FileChangedChecker
+
+from eulerbake import hashing
+from eulerbake.derivation import Derivation, Source, walk
+from eulerbake.errors import EulerbakeError
+from eulerbake.store import Node, Store
+
+
+class Blake3Checker(FileChangedChecker):
+    """doit file_dep checker: (mtime, size, blake3); content decides when the mtime moved."""
+
+    def check_modified(self, file_path: str, file_stat: os.stat_result, state: Any) -> bool:
+        if not isinstance(state, (list, tuple)) or len(state) != 3:
+            return True
+        mtime, size, digest = state
+        if file_stat.st_mtime == mtime and file_stat.st_size == size:
+            return False
+        if file_stat.st_size != size:
+            return True
+        return bool(hashing.hash_file(Path(file_path)) != digest)
+
+    def get_state(self, dep: str, current_state: Any) -> Any:
+        st = os.stat(dep)
+        if current_state and current_state[0] == st.st_mtime and current_state[1] == st.st_size:
+            return None
+        return (st.st_mtime, st.st_size, hashing.hash_file(Path(dep)))
+
+
+def in_store(store_root: str, key: str, store_name: str) -> bool:
+    """doit `uptodate`: the output is current exactly when its key is in the store."""
+    root = Path(store_root)
+    return (root / f"{key}-{store_name}.json").is_file() and (root / f"{key}-{store_name}").is_dir()
+
+
+def _stderr_log(message: str) -> None:
+    # stderr is shown live by doit at the default verbosity, stdout is captured.
+    import sys
+
+    sys.stderr.write(f"  {message}\n")
+    sys.stderr.flush()
+
+
+def realise_task(node: Node, store_root: str) -> dict[str, Any] | TaskFailed:
+    """doit action: realise `node`; a user error fails the task with its message (no traceback)."""
+    store = Store(Path(store_root))
+    try:
+        result = store.realise(node, log=_stderr_log)
+    except EulerbakeError as err:
+        return TaskFailed(str(err))
+    return {"path": str(result.path), "built": result.built}
+
+
+def remove_entry(store_root: str, key: str, store_name: str) -> None:
+    """doit `clean`: delete this task's store entry (other entries are untouched)."""
+    store = Store(Path(store_root))
+    meta = Path(store_root) / f"{key}-{store_name}.json"
+    if meta.is_file():
+        store.delete(store.read_meta(meta))
+        print(f"removed {meta.with_suffix('')}")
+
+
+def task_dict(node: Node, store: Store) -> dict[str, Any]:
+    """The doit task dict of one derivation or source."""
+    stage, _, label = node.task_name.partition(":")
+    if isinstance(node, Derivation):
+        deps = [dep.task_name for dep in node.dependencies()]
+        files = sorted({str(path) for path in node.local_files()})
+        doc = node.doc or f"build {node.name}"
+    else:
+        deps, files = [], []
+        doc = f"fetch {node.filename} ({'pinned' if node.pinned else 'NOT pinned: run eulerbake lock'})"
+    root = str(store.root)
+    args = [root, node.key, node.store_name]
+    return {
+        "basename": stage,
+        "name": label or None,
+        "doc": doc,
+        "actions": [(realise_task, [node, root])],
+        "uptodate": [(in_store, args)],
+        "file_dep": files,
+        "task_dep": deps,
+        "clean": [(remove_entry, args)],
+        "meta": {"key": node.key, "store_path": str(store.path(node))},
+    }
+
+
+def unique_nodes(roots: list[Derivation]) -> list[Node]:
+    """Reachable nodes, dependencies first, one per key; two keys under one task name is an error."""
+    by_name: dict[str, str] = {}
+    unique: dict[str, Node] = {}
+    for node in walk(roots):
+        previous = by_name.setdefault(node.task_name, node.key)
+        if previous != node.key:
+            raise EulerbakeError(
+                f"two different derivations are both named {node.task_name}",
+                hint="give each derivation a unique stage:label",
+            )
+        unique.setdefault(node.key, node)
+    return list(unique.values())
+
+
+def tasks_for(roots: list[Derivation], store: Store) -> Iterator[dict[str, Any]]:
+    """Task dicts for every derivation and source reachable from `roots`, each once."""
+    for node in unique_nodes(roots):
+        yield task_dict(node, store)
+
+
+def doit_config(store: Store, default_tasks: list[str]) -> dict[str, Any]:
+    """DOIT_CONFIG for a project: sqlite3 dep file in the store, blake3 checker, rich reporter."""
+    from eulerbake.reporter import RichReporter
+
+    store.open_stat_cache()
+    return {
+        "backend": "sqlite3",
+        "dep_file": str(store.root / ".doit.sqlite3"),
+        "check_file_uptodate": Blake3Checker,
+        "reporter": RichReporter,
+        "default_tasks": default_tasks,
+        "verbosity": 1,
+    }
+
+
+__all__ = ["Blake3Checker", "Source", "doit_config", "in_store", "realise_task", "task_dict", "tasks_for"]

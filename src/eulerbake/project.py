@@ -1,0 +1,87 @@
+"""A project: a directory with `recipes/` (the derivation graph) and `dodo.py`, plus its store.
+
+The recipes package must offer `targets()` (every derivation the project knows, used by `doit list`
+and `gc`) and `default_targets()` (what a bare `doit` builds).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from eulerbake.derivation import Derivation
+from eulerbake.doit_glue import doit_config, task_dict, unique_nodes
+from eulerbake.errors import EulerbakeError
+from eulerbake.store import Node, Store, default_store_root
+
+
+def find_project(start: Path | None = None) -> Path:
+    """`EULERBAKE_PROJECT`, or the nearest directory at or above `start` holding `recipes/__init__.py`."""
+    env = os.environ.get("EULERBAKE_PROJECT")
+    if env:
+        return Path(env).absolute()
+    here = (start or Path.cwd()).absolute()
+    for candidate in (here, *here.parents):
+        if (candidate / "recipes" / "__init__.py").is_file():
+            return candidate
+    raise EulerbakeError(
+        f"no eulerbake project found at or above {here}",
+        hint="run from the repository root (the directory holding recipes/ and dodo.py) or set EULERBAKE_PROJECT",
+    )
+
+
+class Project:
+    """The recipes of one project directory and the store they build into."""
+
+    def __init__(self, root: Path, store: Store | None = None) -> None:
+        self.root = root.absolute()
+        self.store = store or Store(default_store_root(self.root))
+
+    @cached_property
+    def recipes(self) -> ModuleType:
+        if str(self.root) not in sys.path:
+            sys.path.insert(0, str(self.root))
+        module = importlib.import_module("recipes")
+        if not Path(module.__file__ or "").is_relative_to(self.root):
+            raise EulerbakeError(f"imported recipes from {module.__file__}, not from {self.root}")
+        return module
+
+    @cached_property
+    def targets(self) -> list[Derivation]:
+        self.store.open_stat_cache()
+        return list(self.recipes.targets())
+
+    @cached_property
+    def default_targets(self) -> list[Derivation]:
+        self.store.open_stat_cache()
+        return list(self.recipes.default_targets())
+
+    @cached_property
+    def nodes(self) -> list[Node]:
+        return unique_nodes(self.targets + self.default_targets)
+
+    def node(self, task_name: str) -> Node:
+        for node in self.nodes:
+            if node.task_name == task_name:
+                return node
+        raise EulerbakeError(f"no task named {task_name!r}", hint="see `doit list --all` for the task names")
+
+    def doit_config(self) -> dict[str, Any]:
+        return doit_config(self.store, [node.task_name for node in self.default_targets])
+
+    def task_dicts(self) -> Iterator[dict[str, Any]]:
+        """Group tasks (one per stage) first, then one task per derivation or source."""
+        dicts = [task_dict(node, self.store) for node in self.nodes]
+        stage_docs: dict[str, str] = {}
+        for node, entry in zip(self.nodes, dicts):
+            doc = node.doc if isinstance(node, Derivation) and node.doc else entry["doc"]
+            stage_docs.setdefault(entry["basename"], doc.split(" for ")[0] if doc else "")
+        for stage, doc in stage_docs.items():
+            yield {"basename": stage, "name": None, "doc": doc}
+        yield from dicts
