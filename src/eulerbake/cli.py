@@ -35,7 +35,7 @@ usage: eulerbake [doit command] [TASK…]       build (default: the sample), as 
 """
 
 
-class ProjectLoader(TaskLoader2):
+class ProjectLoader(TaskLoader2):  # type: ignore[misc]
     """doit task loader reading the project's recipes (no dodo.py needed)."""
 
     def __init__(self, project: Project) -> None:
@@ -130,7 +130,8 @@ def _store_main(project: Project, argv: Sequence[str]) -> int:
             console.print(f"{args.start} does not depend on {args.target}")
             return 1
         for depth, meta in enumerate(chain):
-            console.print("  " * depth + ("└─ " if depth else "") + f"{meta['task']}  [dim]{Path(meta['path']).name}[/]")
+            branch = "  " * depth + ("└─ " if depth else "")
+            console.print(f"{branch}{meta['task']}  [dim]{Path(meta['path']).name}[/]")
         return 0
     if args.command == "why-rebuilt":
         return _why_rebuilt(project, args.task)

@@ -140,7 +140,9 @@ class Derivation:
         if not self.name:
             self.name = "-".join([self.stage, *self.label.split(":")]) if self.label else self.stage
         if not NAME_RE.match(self.name):
-            raise EulerbakeError(f"invalid derivation name {self.name!r}", hint="use letters, digits, '.', '_', '+', '-'")
+            raise EulerbakeError(
+                f"invalid derivation name {self.name!r}", hint="use letters, digits, '.', '_', '+', '-'"
+            )
 
     @property
     def task_name(self) -> str:

@@ -24,7 +24,7 @@ from eulerbake.errors import EulerbakeError
 from eulerbake.store import Node, Store
 
 
-class Blake3Checker(FileChangedChecker):
+class Blake3Checker(FileChangedChecker):  # type: ignore[misc]
     """doit file_dep checker: (mtime, size, blake3); content decides when the mtime moved."""
 
     def check_modified(self, file_path: str, file_stat: os.stat_result, state: Any) -> bool:

@@ -79,7 +79,7 @@ class Project:
         """Group tasks (one per stage) first, then one task per derivation or source."""
         dicts = [task_dict(node, self.store) for node in self.nodes]
         stage_docs: dict[str, str] = {}
-        for node, entry in zip(self.nodes, dicts):
+        for node, entry in zip(self.nodes, dicts, strict=True):
             doc = node.doc if isinstance(node, Derivation) and node.doc else entry["doc"]
             stage_docs.setdefault(entry["basename"], doc.split(" for ")[0] if doc else "")
         for stage, doc in stage_docs.items():

@@ -210,6 +210,7 @@ class Store:
                         hint="see the traceback above (run with -v 2) and fix the recipe or its inputs",
                     ) from exc
                 remove_tree(work)
+                self._check_inputs_unchanged(node)
                 builder_ref = node.manifest["builder"]["ref"]
             _seal(out, epoch)
             output_hash = hashing.hash_tree(out, use_cache=False)
@@ -234,6 +235,17 @@ class Store:
             _fsync_dir(self.root)
         finally:
             remove_tree(tmp)
+
+    @staticmethod
+    def _check_inputs_unchanged(node: Derivation) -> None:
+        """Refuse to commit when a local input changed while the builder ran (the key would lie)."""
+        recorded = node.manifest["inputs"]
+        for name, value in node.inputs.items():
+            if isinstance(value, (LocalFile, LocalTree)) and value.fingerprint() != recorded[name]:
+                raise EulerbakeError(
+                    f"input {value.path} changed while {node.task_name} was building; the output was discarded",
+                    hint="run the build again once the file is no longer being edited",
+                )
 
     def _fetch(self, source: Source, dest: Path, log: Callable[[str], None]) -> None:
         from eulerbake import fetch  # imported lazily: most runs fetch nothing
@@ -283,9 +295,11 @@ class Store:
             except (OSError, ValueError) as exc:
                 problems.append((meta, f"unreadable: {exc}"))
                 continue
-            if actual != meta["output"]["hash"]:
-                problems.append((meta, f"content hash {actual[:16]}… does not match recorded {meta['output']['hash'][:16]}…"))
-            elif "source" not in meta["manifest"] and hashing.hash_json(meta["manifest"])[: len(meta["key"])] != meta["key"]:
+            recorded = meta["output"]["hash"]
+            is_source = "source" in meta["manifest"]
+            if actual != recorded:
+                problems.append((meta, f"content hash {actual[:16]}… does not match recorded {recorded[:16]}…"))
+            elif not is_source and hashing.hash_json(meta["manifest"])[: len(meta["key"])] != meta["key"]:
                 problems.append((meta, "metadata manifest does not hash to the entry's key"))
         return problems
 

@@ -38,13 +38,17 @@ def copy_tree(ctx: BuildContext) -> None:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
+    if os.environ.get("TOY_EDIT_DURING_BUILD"):  # simulates a user saving an input mid-build
+        edited = Path(ctx.inputs["tree"]) / "etc/passwd"
+        edited.write_text(edited.read_text() + "edited mid-build\n")
     _trace("tree")
 
 
 def make_tarball(ctx: BuildContext) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        files = [Path(ctx.inputs["motd"]) / "motd", *sorted(p for p in Path(ctx.inputs["tree"]).rglob("*") if p.is_file())]
+        tree_files = sorted(p for p in Path(ctx.inputs["tree"]).rglob("*") if p.is_file())
+        files = [Path(ctx.inputs["motd"]) / "motd", *tree_files]
         for path in files:
             info = tarfile.TarInfo(path.name if path.name == "motd" else str(path.relative_to(ctx.inputs["tree"])))
             data = path.read_bytes()
