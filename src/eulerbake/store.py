@@ -8,6 +8,7 @@ removes. A per-key `flock` makes concurrent builders wait for each other instead
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -251,6 +252,14 @@ class Store:
         from eulerbake import fetch  # imported lazily: most runs fetch nothing
 
         fetch.fetch_source(source, dest, log)
+
+    def import_file(self, source: Source, path: Path) -> Path:
+        """Commit a file already on disk (e.g. just pinned by `eulerbake lock`) as `source`'s entry.
+
+        The same path as a fetch: pins verified, sealed, metadata written; the file is copied.
+        """
+        local = dataclasses.replace(source, urls=(str(Path(path).absolute()),))
+        return self.realise(local, log=lambda _message: None).path
 
     # -- queries ------------------------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:

@@ -1,0 +1,77 @@
+"""Decompression as its own cached stage: an `.xz` or `.gz` file in, the plain file out.
+
+Kept apart from fetching so the compressed download stays the pinned, verified input and the
+decompressed file is an ordinary derivation (built once, reused by every stage that needs it).
+xz goes through the `xz` tool: it decompresses multi-block files on every core (400 MB of mixed
+binaries: `xz -d -T0` 2.7 s, single-threaded `xz` 4.7 s, Python's lzma 5.5 s, on 2 cores here).
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import zlib
+from pathlib import Path
+
+from eulerbake.derivation import BuildContext, Derivation, Source
+from eulerbake.errors import EulerbakeError
+from eulerbake.run import run
+
+# suffix -> (format, suffix of the decompressed file)
+FORMATS = {".xz": ("xz", ""), ".gz": ("gz", ""), ".tgz": ("gz", ".tar"), ".txz": ("xz", ".tar")}
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+def _format_of(filename: str) -> tuple[str, str]:
+    """(format, decompressed name) for a compressed file name, or an error naming the known suffixes."""
+    for suffix, (fmt, new_suffix) in FORMATS.items():
+        if filename.endswith(suffix) and len(filename) > len(suffix):
+            return fmt, filename[: -len(suffix)] + new_suffix
+    raise EulerbakeError(
+        f"do not know how to decompress {filename!r}",
+        hint=f"unpack handles names ending in {', '.join(FORMATS)}",
+    )
+
+
+def build_unpack(ctx: BuildContext) -> None:
+    """Decompress the input file into `ctx.out/<output>`."""
+    archive = Path(ctx.inputs["archive"])
+    if archive.is_dir():  # the input is a derivation: its output directory holds the file
+        archive = archive / ctx.params["archive_name"]
+    output = ctx.out / ctx.params["output"]
+    ctx.log(f"decompressing {archive.name} ({ctx.params['format']})")
+    with output.open("wb") as out:
+        if ctx.params["format"] == "xz":
+            run(["xz", "--decompress", "--stdout", "--threads=0", archive], stdout=out.fileno())
+        else:
+            try:
+                with gzip.open(archive, "rb") as compressed:
+                    shutil.copyfileobj(compressed, out, COPY_CHUNK)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise EulerbakeError(
+                    f"cannot decompress {archive.name}: {exc}",
+                    hint="the file is not valid gzip data; re-pin or re-fetch it",
+                ) from exc
+    ctx.log(f"{output.name}: {output.stat().st_size} bytes")
+
+
+def unpack(
+    label: str, archive: Source | Derivation, archive_name: str = "", output: str = "", doc: str = ""
+) -> Derivation:
+    """A derivation decompressing `archive` (a Source, or a derivation whose output holds `archive_name`).
+
+    Its task is `unpack:<label>`; the output file is `output`, by default the name without its suffix.
+    """
+    name = archive.filename if isinstance(archive, Source) else archive_name
+    if not name:
+        raise EulerbakeError(f"unpack:{label}: name the file inside {archive.task_name}",
+                             hint="pass archive_name= when the archive is a derivation")
+    fmt, plain_name = _format_of(name)
+    return Derivation(
+        stage="unpack",
+        label=label,
+        builder=build_unpack,
+        inputs={"archive": archive},
+        params={"format": fmt, "archive_name": name, "output": output or plain_name},
+        doc=doc or f"decompress {name}",
+    )
