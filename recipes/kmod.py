@@ -16,6 +16,7 @@ is built, a module the image's kernel would not load.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -92,8 +93,9 @@ def _external_roots(headers_dir: Path) -> list[Path]:
 def _dpkg_owner(path: Path) -> str | None:
     """The Debian package whose file list holds directory `path` (fast path: the package named like it)."""
     line = f"\n{path}\n".encode()
-    candidates = sorted(DPKG_INFO.glob(f"{path.name}.list")) + sorted(DPKG_INFO.glob(f"{path.name}:*.list"))
-    for listing in candidates + sorted(DPKG_INFO.glob("*.list")):
+    likely = sorted(DPKG_INFO.glob(f"{path.name}.list")) + sorted(DPKG_INFO.glob(f"{path.name}:*.list"))
+    # Scanning every package's list is the slow fallback: only when no package is named like the directory.
+    for listing in itertools.chain(likely, (p for p in sorted(DPKG_INFO.glob("*.list")) if p not in likely)):
         if line in b"\n" + listing.read_bytes():
             return listing.name[: -len(".list")]
     return None

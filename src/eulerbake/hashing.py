@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import sqlite3
 import stat
@@ -50,10 +51,60 @@ def hash_json(value: Any) -> str:
     return hash_bytes(canonical_json(value))
 
 
+_ZEROS = bytes(CHUNK)
+
+
+def _data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the data regions of a sparse file, via SEEK_DATA/SEEK_HOLE."""
+    segments = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        segments.append((start, end))
+        offset = end
+    return segments
+
+
+def _hash_sparse(path: Path, size: int) -> str:
+    """blake3 of a sparse file: data regions memory-mapped, holes fed from a shared zero buffer.
+
+    Same digest as reading every byte, but the holes never go through the page cache (an 8 GiB raw
+    disk with 20 MiB of data hashes in about a second instead of faulting in 8 GiB of zero pages).
+    """
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with path.open("rb") as f:
+        fd = f.fileno()
+        position = 0
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            for start, end in _data_segments(fd, size):
+                while position < start:
+                    step = min(CHUNK, start - position)
+                    hasher.update(_ZEROS[:step] if step < CHUNK else _ZEROS)
+                    position += step
+                hasher.update(memoryview(mapped)[start:end])
+                position = end
+        while position < size:
+            step = min(CHUNK, size - position)
+            hasher.update(_ZEROS[:step] if step < CHUNK else _ZEROS)
+            position += step
+    return hasher.hexdigest()
+
+
+def _is_sparse(st: os.stat_result) -> bool:
+    return st.st_size >= MMAP_THRESHOLD and st.st_blocks * 512 < st.st_size // 2
+
+
 def _hash_file_uncached(path: Path, with_sha256: bool) -> tuple[str, str | None]:
-    size = path.stat().st_size
+    st = path.stat()
+    size = st.st_size
     STATS.files_hashed += 1
     STATS.bytes_read += size
+    if not with_sha256 and _is_sparse(st):
+        return _hash_sparse(path, size), None
     if not with_sha256:
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= MMAP_THRESHOLD else 1)
         if size >= MMAP_THRESHOLD:
@@ -78,11 +129,19 @@ class StatCache:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self.db_path = db_path
         self._conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, dev INT, ino INT, size INT,"
-            " mtime_ns INT, ctime_ns INT, blake3 TEXT, sha256 TEXT)"
-        )
+        # Two processes creating the database at once: switching to WAL ignores the busy timeout.
+        for attempt in range(100):
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute(
+                    "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, dev INT, ino INT, size INT,"
+                    " mtime_ns INT, ctime_ns INT, blake3 TEXT, sha256 TEXT)"
+                )
+                break
+            except sqlite3.OperationalError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
 
     @staticmethod
     def _signature(st: os.stat_result) -> tuple[int, int, int, int, int]:

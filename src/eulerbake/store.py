@@ -8,6 +8,8 @@ removes. A per-key `flock` makes concurrent builders wait for each other instead
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import fcntl
 import json
@@ -66,18 +68,36 @@ def remove_tree(path: Path) -> None:
         path.unlink()
 
 
+def _syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding `path` in one call (syncfs), instead of one fsync per file.
+
+    A kernel-headers output has ~16,000 files: per-file fsync cost ~5 s, syncfs a fraction of that.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc is None or _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_libc = _load_libc()
+
+
 def _seal(path: Path, epoch: int) -> None:
-    """fsync every file, pin mtimes to `epoch` and make the tree read-only."""
+    """Pin mtimes to `epoch`, make the tree read-only and flush it to disk."""
     for root, dirs, files in os.walk(path, topdown=False):
         for name in files:
             full = os.path.join(root, name)
             st = os.lstat(full)
             if stat.S_ISREG(st.st_mode):
-                fd = os.open(full, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
                 os.chmod(full, 0o555 if st.st_mode & stat.S_IXUSR else 0o444)
             os.utime(full, (epoch, epoch), follow_symlinks=False)
         for name in dirs:
@@ -85,13 +105,9 @@ def _seal(path: Path, epoch: int) -> None:
             if not os.path.islink(full):
                 os.chmod(full, 0o555)
             os.utime(full, (epoch, epoch), follow_symlinks=False)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     os.chmod(path, 0o555)
     os.utime(path, (epoch, epoch))
+    _syncfs(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -114,3 +114,16 @@ def test_file_and_tree_hashes_never_collide(tmp_path: Path) -> None:
 def test_canonical_json_ignores_key_order() -> None:
     assert hashing.canonical_json({"b": 1, "a": [1, 2]}) == b'{"a":[1,2],"b":1}'
     assert hashing.hash_json({"b": 1, "a": 2}) == hashing.hash_json({"a": 2, "b": 1})
+
+
+@pytest.mark.skipif(shutil.which("b3sum") is None, reason="b3sum (Debian package b3sum) not installed")
+def test_sparse_file_hash_matches_b3sum(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    with path.open("wb") as f:
+        f.truncate(256 * 1024 * 1024 + 4097)  # holes, with data islands at odd places
+        for offset in (0, 7 * 1024 * 1024 + 3, 200 * 1024 * 1024):
+            f.seek(offset)
+            f.write(os.urandom(1024 * 1024 + 11))
+    assert hashing._is_sparse(path.stat())
+    expected = subprocess.run(["b3sum", "--no-names", str(path)], capture_output=True, text=True).stdout.strip()
+    assert hashing.hash_file(path, use_cache=False) == expected
