@@ -125,7 +125,8 @@ def _store_main(project: Project, argv: Sequence[str]) -> int:
         console.print(f"{verb} {len(doomed)} entries ({human_size(freed)})")
         return 0
     if args.command == "why-depends":
-        chain = store.why_depends(args.start, args.target)
+        start, target = (_entry_for(project, query)["key"] for query in (args.start, args.target))
+        chain = store.why_depends(start, target)
         if chain is None:
             console.print(f"{args.start} does not depend on {args.target}")
             return 1

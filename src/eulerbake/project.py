@@ -80,7 +80,10 @@ class Project:
         dicts = [task_dict(node, self.store) for node in self.nodes]
         stage_docs: dict[str, str] = {}
         for node, entry in zip(self.nodes, dicts, strict=True):
-            doc = node.doc if isinstance(node, Derivation) and node.doc else entry["doc"]
+            if not isinstance(node, Derivation):
+                doc = "fetch pinned sources (size, sha256 and blake3 verified)"
+            else:
+                doc = node.doc or entry["doc"]
             stage_docs.setdefault(entry["basename"], doc.split(" for ")[0] if doc else "")
         for stage, doc in stage_docs.items():
             yield {"basename": stage, "name": None, "doc": doc}
