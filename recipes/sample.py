@@ -14,8 +14,6 @@ import shutil
 import stat
 from pathlib import Path
 
-import jinja2
-
 import eulerbake.disk
 import eulerbake.ext4
 import eulerbake.vfat
@@ -146,6 +144,8 @@ def _stage_root(ctx: BuildContext, dest: Path, kernel_release: str, variables: d
 
 def _copy_rendered(source: Path, dest: Path, variables: dict[str, str]) -> None:
     """Copy a skeleton tree; `*.j2` files are rendered with jinja2 and lose the suffix."""
+    import jinja2  # only when building: every doit run imports the recipes
+
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     for path in sorted(source.rglob("*")):
         target = dest / path.relative_to(source)

@@ -29,11 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
-
 from eulerbake.errors import EulerbakeError
 
 # arch name (uname -m style) → (ELF e_machine, ELF class, little endian, kbuild SRCARCH)
@@ -171,6 +166,12 @@ def _module_bytes(path: Path) -> bytes:
 
 def read_module(path: Path) -> KernelModule:
     """Parse a `.ko` (optionally .xz/.gz/.zst compressed) as the module loader would see it."""
+    # pyelftools loads here, not at import: the recipes import this module on every doit run.
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.constants import SH_FLAGS
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
     data = _module_bytes(Path(path))
     try:
         elf = ELFFile(io.BytesIO(data))

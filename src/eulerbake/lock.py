@@ -21,15 +21,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from eulerbake import fetch
 from eulerbake.derivation import Source
 from eulerbake.errors import EulerbakeError
 from eulerbake.store import Store, default_store_root
+
+if TYPE_CHECKING:  # fetch (http, ssl) and rich load only when pinning: recipes read the lock on every run
+    from eulerbake import fetch
 
 LOCK_FORMAT = 1
 LOCK_RELATIVE_PATH = Path("recipes") / "sources.lock"
@@ -149,6 +148,8 @@ class PinRequest:
 def check_upstream_checksum(request: PinRequest, fetched: fetch.Fetched, log: Log = print,
                             policy: fetch.RetryPolicy | None = None) -> str:
     """Compare the download with upstream's checksum file; return that file's URL ("" if none is offered)."""
+    from eulerbake import fetch
+
     if not request.checksum_suffix:
         return ""
     candidates = [fetched.url] + [url for url in request.source.urls if url != fetched.url]
@@ -175,6 +176,8 @@ def check_upstream_checksum(request: PinRequest, fetched: fetch.Fetched, log: Lo
 def pin_source(request: PinRequest, store: Store, log: Log = print,
                policy: fetch.RetryPolicy | None = None) -> LockEntry:
     """Download `request`'s source once, check it against upstream, commit it to the store, return its pins."""
+    from eulerbake import fetch
+
     source = dataclasses.replace(request.source, sha256="", blake3="", size=-1)
     store.open_stat_cache()
     partial = fetch.downloads_dir(store.root) / f"{source.key}-{source.filename}.part"
@@ -216,6 +219,9 @@ def _short(digest: str) -> str:
 
 def lock_main(argv: list[str], project: Path) -> int:
     """`eulerbake lock [RELEASE…] [--arch A] [--update]`: pin upstream sources into recipes/sources.lock."""
+    from rich.console import Console
+    from rich.table import Table
+
     parser = argparse.ArgumentParser(
         prog="eulerbake lock",
         description="Download what is not pinned yet, check upstream's .sha256sum, record url/size/sha256/blake3 "
