@@ -7,6 +7,7 @@ and the real in-tree ENA source. Built artefacts are shared by the whole session
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,11 @@ from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree
 from eulerbake.run import run
 from eulerbake.store import Realised, Store
 from recipes import kmod as recipes_kmod
+from recipes.sample import sample_kernel_release
 
-KREL = "6.1.0-56-amd64"
+# The host's Debian kernel (linux-headers-amd64 / linux-image-amd64 follow Debian's current ABI).
+KREL = sample_kernel_release()
+OTHER_KREL = re.sub(r"-\d+-", "-99-", KREL, count=1)  # same version, another ABI: "6.1.0-99-amd64"
 HEADERS_DIR = Path(f"/usr/src/linux-headers-{KREL}")
 LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
 MODULES_DIR = Path(f"/lib/modules/{KREL}")
