@@ -121,7 +121,9 @@ def build_shrink(ctx: BuildContext) -> None:
     epoch = ctx.source_date_epoch
     root_size = int(ctx.params["root_size"])
     image, table = _open_qcow2(ctx)
-    pieces = _extract_partitions(image, table, ctx.work)
+    # Extracted straight into the output and shrunk in place: the pieces are the stage's result, kept
+    # sparse (the store hashes sparse files by their data), so the data is copied out exactly once.
+    pieces = _extract_partitions(image, table, ctx.out)
     root = _pick_root(table, lambda part: (pieces[part.number], 0), epoch, ctx.work / "scratch", image.name)
     last = table.by_position()[-1]
     if root.number != last.number:
@@ -149,15 +151,12 @@ def build_shrink(ctx: BuildContext) -> None:
     kinds = {}
     for number, piece in pieces.items():
         kinds[number] = "ext" if ext4.is_ext_filesystem(piece) else "fat" if vfat.is_fat_filesystem(piece) else "other"
-        # Kept as qcow2: the store hashes, verifies and uploads what it holds, and a qcow2 is as big
-        # as its data, where the raw piece would count (and be read) at its full 6 GiB.
-        disk.convert(piece, "raw", ctx.out / f"p{number}.qcow2", "qcow2")
     layout = {
         "source": image.name,
         "table": table.to_json(),
         "root": root.number,
         "root_size": root_size,
-        "pieces": {str(n): f"p{n}.qcow2" for n in sorted(pieces)},
+        "pieces": {str(n): pieces[n].name for n in sorted(pieces)},
         "filesystems": {str(n): kinds[n] for n in sorted(kinds)},
         "head": "head.img",
     }
@@ -512,7 +511,7 @@ def build_raw(ctx: BuildContext) -> None:
     pieces: dict[int, Path] = {}
     for number_text, name in layout["pieces"].items():
         pieces[int(number_text)] = ctx.work / f"p{number_text}.img"
-        disk.convert(shrunk / name, "qcow2", pieces[int(number_text)], "raw")
+        disk.copy_sparse(shrunk / name, pieces[int(number_text)])
     scratch = ctx.work / "scratch"
     root = ext4.Ext4Image(pieces[root_number], epoch, scratch)
 
