@@ -128,6 +128,7 @@ class StatCache:
     def __init__(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self.db_path = db_path
+        self._memory: dict[str, tuple[tuple[int, int, int, int, int], tuple[str, str | None]]] = {}
         self._conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
         # Two processes creating the database at once: switching to WAL ignores the busy timeout.
         for attempt in range(100):
@@ -148,12 +149,17 @@ class StatCache:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def lookup(self, path: Path, st: os.stat_result) -> tuple[str, str | None] | None:
+        # In-process layer: one graph names the same overlay and builder files many times.
+        seen = self._memory.get(str(path))
+        if seen is not None and seen[0] == self._signature(st):
+            return seen[1]
         row = self._conn.execute(
             "SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, sha256 FROM hashes WHERE path = ?",
             (str(path),),
         ).fetchone()
         if row is None or tuple(row[:5]) != self._signature(st):
             return None
+        self._memory[str(path)] = (self._signature(st), (row[5], row[6]))
         return row[5], row[6]
 
     def remember(self, path: Path, st: os.stat_result, b3: str, sha: str | None) -> None:
