@@ -19,7 +19,7 @@ from doit.action import TaskFailed
 from doit.dependency import FileChangedChecker
 
 from eulerbake import hashing
-from eulerbake.derivation import Derivation, Source, walk
+from eulerbake.derivation import Derivation, walk
 from eulerbake.errors import EulerbakeError
 from eulerbake.store import Node, Store
 
@@ -137,5 +137,3 @@ def doit_config(store: Store, default_tasks: list[str]) -> dict[str, Any]:
         "verbosity": 1,
     }
 
-
-__all__ = ["Blake3Checker", "Source", "doit_config", "in_store", "realise_task", "task_dict", "tasks_for"]

@@ -349,7 +349,11 @@ class Store:
         if not dry_run:
             for meta in doomed:
                 self.delete(meta)
-            for leftover in (self.root / ".tmp").iterdir() if (self.root / ".tmp").is_dir() else []:
+            # Leftover build dirs go; partial downloads (`<key>-…`) stay while their source is wanted.
+            downloads = (self.root / ".cache" / "downloads").glob("*")
+            unwanted = (d for d in downloads if d.name.split("-", 1)[0] not in keep)
+            leftovers = [*(self.root / ".tmp").glob("*"), *unwanted]
+            for leftover in leftovers:
                 key = leftover.name.split("-", 1)[0]
                 with self.lock(key):
                     remove_tree(leftover)

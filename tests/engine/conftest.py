@@ -30,23 +30,21 @@ class ToyProject:
         env.update(extra)
         return env
 
-    def doit(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    def _run(self, module: str, args: tuple[str, ...], check: bool, env: dict[str, str]
+             ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [sys.executable, "-m", "doit", *args], cwd=self.root, env=self.env(**env),
+            [sys.executable, "-m", module, *args], cwd=self.root, env=self.env(**env),
             capture_output=True, text=True, timeout=120,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"doit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(f"{module} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def doit(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+        return self._run("doit", args, check, env)
+
     def eulerbake(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "eulerbake.cli", *args], cwd=self.root, env=self.env(**env),
-            capture_output=True, text=True, timeout=120,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"eulerbake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-        return proc
+        return self._run("eulerbake.cli", args, check, env)
 
     def ran(self) -> list[str]:
         """Builders that ran since the last call (in order), then reset the trace."""
