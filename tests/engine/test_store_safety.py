@@ -140,3 +140,16 @@ def test_store_location_from_environment(toy: ToyProject, tmp_path: Path) -> Non
     toy.doit(EULERBAKE_STORE=str(elsewhere))
     assert not toy.store.exists() or toy.entries() == set()
     assert len(list(elsewhere.glob("*.json"))) == 6
+
+
+def test_gc_drops_leftovers_and_unwanted_partial_downloads(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    store.open_stat_cache()
+    downloads = tmp_path / "store/.cache/downloads"
+    downloads.mkdir(parents=True)
+    (downloads / "aaaa-wanted.iso.part").write_bytes(b"half")
+    (downloads / "bbbb-unwanted.iso.part").write_bytes(b"half")
+    (tmp_path / "store/.tmp/cccc-killed").mkdir()
+    assert store.gc({"aaaa"}) == []
+    assert [p.name for p in downloads.iterdir()] == ["aaaa-wanted.iso.part"]
+    assert list((tmp_path / "store/.tmp").iterdir()) == []
