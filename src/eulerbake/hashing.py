@@ -26,6 +26,23 @@ CHUNK = 4 * 1024 * 1024
 RACY_SECONDS = 2.0
 
 
+# blake3's worker threads (a Rayon pool) do not survive fork(): a forked child that hashes on them waits
+# forever (doit -n forks its workers). After a fork, hash on the calling thread only.
+_threads: int = blake3.blake3.AUTO
+_inherited: list[StatCache] = []
+
+
+def _after_fork_in_child() -> None:
+    global _threads, _stat_cache
+    _threads = 1
+    if _stat_cache is not None:  # an SQLite connection must not be shared across fork either
+        _inherited.append(_stat_cache)  # kept, never closed: closing it would touch the parent's handle
+        _stat_cache = StatCache(_stat_cache.db_path)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @dataclass
 class HashStats:
     """Counters for tests and benchmarks: how much content was really read."""
@@ -75,7 +92,7 @@ def _hash_sparse(path: Path, size: int) -> str:
     Same digest as reading every byte, but the holes never go through the page cache (an 8 GiB raw
     disk with 20 MiB of data hashes in about a second instead of faulting in 8 GiB of zero pages).
     """
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher = blake3.blake3(max_threads=_threads)
     with path.open("rb") as f:
         fd = f.fileno()
         position = 0
@@ -106,14 +123,14 @@ def _hash_file_uncached(path: Path, with_sha256: bool) -> tuple[str, str | None]
     if not with_sha256 and _is_sparse(st):
         return _hash_sparse(path, size), None
     if not with_sha256:
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= MMAP_THRESHOLD else 1)
+        hasher = blake3.blake3(max_threads=_threads if size >= MMAP_THRESHOLD else 1)
         if size >= MMAP_THRESHOLD:
             hasher.update_mmap(path)
         else:
             hasher.update(path.read_bytes())
         return hasher.hexdigest(), None
     # One read pass feeds both hashes (sha256 is what upstream mirrors publish).
-    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    b3 = blake3.blake3(max_threads=_threads)
     sha = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):

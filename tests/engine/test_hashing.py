@@ -127,3 +127,26 @@ def test_sparse_file_hash_matches_b3sum(tmp_path: Path) -> None:
     assert hashing._is_sparse(path.stat())
     expected = subprocess.run(["b3sum", "--no-names", str(path)], capture_output=True, text=True).stdout.strip()
     assert hashing.hash_file(path, use_cache=False) == expected
+
+
+def _hash_in_child(path: str, queue) -> None:  # type: ignore[no-untyped-def]
+    queue.put(hashing.hash_file(Path(path), use_cache=False))
+
+
+def test_hashing_after_fork_does_not_hang(tmp_path: Path) -> None:
+    """doit -n forks workers after the parent hashed big inputs on blake3's thread pool."""
+    import multiprocessing
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(hashing.MMAP_THRESHOLD * 2))
+    expected = hashing.hash_file(big, use_cache=False)  # starts the thread pool in this process
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_hash_in_child, args=(str(big), queue))
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "hashing in a forked child deadlocked"
+    assert queue.get(timeout=5) == expected
