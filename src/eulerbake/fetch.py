@@ -488,6 +488,11 @@ def downloads_dir(store_root: Path) -> Path:
     return store_root / DOWNLOADS_SUBDIR
 
 
+def store_partial(store_root: Path, source: Source) -> Path:
+    """A source's partial download in a store, `<key>-<filename>.part` (gc keeps it by that key)."""
+    return downloads_dir(store_root) / f"{source.key}-{source.filename}.part"
+
+
 def _store_root_of(dest: Path) -> Path | None:
     """The store whose build directory (`<store>/.tmp/…`) holds `dest`, if it is in one."""
     for parent in dest.absolute().parents:
@@ -501,7 +506,7 @@ def partial_path_for(source: Source, dest: Path) -> Path:
     store_root = _store_root_of(dest)
     if store_root is None:
         return dest.with_name(dest.name + ".part")
-    return downloads_dir(store_root) / f"{source.key}-{source.filename}.part"
+    return store_partial(store_root, source)
 
 
 def fetch_source(source: Source, dest: Path, log: Log = print) -> None:

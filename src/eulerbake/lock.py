@@ -180,7 +180,7 @@ def pin_source(request: PinRequest, store: Store, log: Log = print,
 
     source = dataclasses.replace(request.source, sha256="", blake3="", size=-1)
     store.open_stat_cache()
-    partial = fetch.downloads_dir(store.root) / f"{source.key}-{source.filename}.part"
+    partial = fetch.store_partial(store.root, source)
     with store.lock(source.key, on_wait=log):
         fetched = fetch.fetch_first(source.urls, partial, label=request.lock_id, log=log, policy=policy)
         try:

@@ -59,7 +59,7 @@ def test_partial_left_by_a_killed_run_is_continued(tmp_path: Path, mirror: Mirro
     source = pinned_source(data, [url])
     store = Store(tmp_path / "store")
     store.open_stat_cache()
-    partial = fetch.downloads_dir(store.root) / f"{source.key}-{source.filename}.part"
+    partial = fetch.store_partial(store.root, source)
     partial.parent.mkdir(parents=True)
     partial.write_bytes(data[:1_000_000])  # what an interrupted earlier run left behind
 
@@ -77,7 +77,7 @@ def test_stale_partial_is_downloaded_again_from_the_start(tmp_path: Path, mirror
     source = pinned_source(data, [url])
     store = Store(tmp_path / "store")
     store.open_stat_cache()
-    partial = fetch.downloads_dir(store.root) / f"{source.key}-{source.filename}.part"
+    partial = fetch.store_partial(store.root, source)
     partial.parent.mkdir(parents=True)
     partial.write_bytes(os.urandom(300_000))  # garbage: continuing it cannot match the pins
 

@@ -229,7 +229,7 @@ def test_lock_continues_an_interrupted_download_only_when_the_server_can_validat
     rel = upstream.rel
     request = releases.pin_requests([rel.version], [rel.arch])[0]
     store = Store(project / "store")
-    partial = fetch.downloads_dir(store.root) / f"{request.source.key}-{request.source.filename}.part"
+    partial = fetch.store_partial(store.root, request.source)
     partial.parent.mkdir(parents=True)
     partial.write_bytes(upstream.qcow2[:150_000])  # left by an interrupted `eulerbake lock`
     etag = {"current": MirrorServer.etag(upstream.qcow2), "stale": '"upstream-changed-since"', "none": None}[validator]
