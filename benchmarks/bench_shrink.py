@@ -6,9 +6,12 @@ disk must pay). Goal: shrink + raw within 1.5x of the bare conversion.
 
 The input is made with real tools (sfdisk, mkfs.ext4 -d, qemu-img) like the openEuler x86_64
 image: dos label, 2 GiB /boot, 38 GiB ext4 root with the sample skeleton plus incompressible data.
-Three figures are printed, each the median of the rounds after a warm-up round:
-- baseline: `qemu-img convert -O raw` of the whole qcow2;
-- stages: the shrink and raw builders themselves (what the issue's goal is about);
+Four figures are printed, each the median of the rounds after a warm-up round:
+- baseline: `qemu-img convert -O raw` of the whole qcow2 (the goal's yardstick);
+- durable baseline: the same plus an fsync of the result. Every e2fsprogs tool fsyncs the image
+  it opens, and the store syncs each output it seals, so this is the floor for any route that
+  shrinks the filesystem with e2fsprogs; it is printed to show where the time goes;
+- stages: the raw stage's builder itself (shrink, overlays, hygiene, disk; the issue's goal);
 - realise: Store.realise of the raw stage from an empty store (adds hashing and sealing outputs).
 Each phase starts after a sync and, when run as root, a dropped page cache (see `settle`).
 """
@@ -31,7 +34,7 @@ from eulerbake import hashing  # noqa: E402
 from eulerbake.derivation import BuildContext, Derivation, LocalTree, Source  # noqa: E402
 from eulerbake.run import run  # noqa: E402
 from eulerbake.store import DEFAULT_SOURCE_DATE_EPOCH, Store, remove_tree  # noqa: E402
-from recipes.image import build_raw, build_shrink, raw_image  # noqa: E402
+from recipes.image import build_raw, raw_image  # noqa: E402
 
 GIB = 1024**3
 BOOT_START, ROOT_START = 2048, 4194304  # sectors, as in the stock image
@@ -105,30 +108,36 @@ def _context(drv: Derivation, inputs: dict[str, Path], base: Path) -> BuildConte
     )
 
 
-def one_round(qcow2: Path, source: Source, drv: Derivation, base: Path) -> tuple[float, float, float]:
-    """(baseline, stages, realise) seconds for one round in the fresh directory `base`."""
-    shrink_drv = drv.inputs["shrink"]
-    assert isinstance(shrink_drv, Derivation)
-    base.mkdir()
-    target = base / "baseline.raw"
+def _convert(qcow2: Path, target: Path, *, durable: bool) -> float:
     settle()
     started = time.perf_counter()
     run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow2, target])
-    baseline = time.perf_counter() - started
+    if durable:
+        fd = os.open(target, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    elapsed = time.perf_counter() - started
     target.unlink()
+    return elapsed
 
-    shrink_ctx = _context(shrink_drv, {"qcow2": qcow2}, base / "shrink")
+
+def one_round(qcow2: Path, source: Source, drv: Derivation, base: Path) -> tuple[float, float, float, float]:
+    """(baseline, durable baseline, stages, realise) seconds for one round in the fresh directory `base`."""
+    base.mkdir()
+    baseline = _convert(qcow2, base / "baseline.raw", durable=False)
+    durable = _convert(qcow2, base / "baseline.raw", durable=True)
+
     overlay = REPO / "overlays" / "ena"
-    raw_ctx = _context(drv, {"shrink": shrink_ctx.out, "overlay-00": overlay}, base / "raw")
+    raw_ctx = _context(drv, {"qcow2": qcow2, "overlay-00": overlay}, base / "raw")
     settle()
     started = time.perf_counter()
-    build_shrink(shrink_ctx)
     build_raw(raw_ctx)
     stages = time.perf_counter() - started
     disk_raw = raw_ctx.out / "disk.raw"
     allocated = disk_raw.stat().st_blocks * 512 / 2**20
     size = disk_raw.stat().st_size / GIB
-    print(f"  baseline {baseline:.2f}s, stages {stages:.2f}s (disk.raw {size:.0f} GiB, {allocated:.0f} MiB)", end="")
+    print(f"  baseline {baseline:.2f}s, durable {durable:.2f}s, stages {stages:.2f}s", end="")
+    print(f" (disk.raw {size:.0f} GiB, {allocated:.0f} MiB)", end="")
     shutil.rmtree(base)
 
     store = Store(base.with_name(base.name + "-store"))
@@ -139,7 +148,7 @@ def one_round(qcow2: Path, source: Source, drv: Derivation, base: Path) -> tuple
     realise = time.perf_counter() - started
     print(f", realise {realise:.2f}s")
     remove_tree(store.root)
-    return baseline, stages, realise
+    return baseline, durable, stages, realise
 
 
 def main() -> None:
@@ -159,9 +168,11 @@ def main() -> None:
 
         # Round 0 warms up: the machine's first touch of fresh memory costs far more than later ones.
         rounds = [one_round(qcow2, source, drv, work / f"round-{n}") for n in range(args.rounds + 1)][1:]
-        baseline, stages, realise = (statistics.median(column) for column in zip(*rounds, strict=True))
+        baseline, durable, stages, realise = (statistics.median(column) for column in zip(*rounds, strict=True))
         print(f"baseline qemu-img convert -O raw : {baseline:6.2f}s")
-        print(f"shrink + raw stages              : {stages:6.2f}s  ratio {stages / baseline:.2f}x (goal <= 1.5x)")
+        print(f"  the same, fsynced (durable)    : {durable:6.2f}s  ratio {durable / baseline:.2f}x")
+        print(f"shrink + raw stage               : {stages:6.2f}s  ratio {stages / baseline:.2f}x (goal <= 1.5x)")
+        print(f"  against the durable baseline   :          ratio {stages / durable:.2f}x")
         print(f"Store.realise(raw) incl. hashing : {realise:6.2f}s  ratio {realise / baseline:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,12 +1,12 @@
 """Image stages: shrink an openEuler qcow2's root filesystem, lay overlays on it, apply image
 hygiene and write the sparse raw disk an AMI is made from. No NBD, no loop devices, no mounting.
 
-- `shrink:<release>:<arch>`: validate the qcow2, copy each partition out (cost follows the data,
-  not the 40 GiB virtual size), find the root filesystem by its contents, e2fsck + resize2fs it
-  to `root_size`. Output: one qcow2 per partition, the boot-code area (raw) and `layout.json`.
-- `raw:<release>:<arch>`: copy the pieces, inject overlay trees (files with owner/mode, module
-  indexes refreshed with depmod), apply hygiene, and assemble `disk.raw` with a partition table
-  whose ids come from the derivation key.
+- `raw:<release>:<arch>`: validate the qcow2, copy each partition out (cost follows the data, not
+  the 40 GiB virtual size), find the root filesystem by its contents, e2fsck + resize2fs it to
+  `root_size`, inject overlay trees (files with owner/mode, module indexes refreshed with
+  depmod), apply hygiene, and assemble the sparse `disk.raw` with a partition table whose ids
+  come from the derivation key. One stage, so the image data is written once: the root
+  partition's copy becomes the disk file itself.
 - `image-modules:<release>:<arch>`: `/lib/modules/<release>/` of the image, for module checks.
 """
 
@@ -36,7 +36,6 @@ MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 DEPMOD_INPUTS = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 SERIAL_CONSOLES = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
 KERNEL_ARGS_REMOVED = ("quiet", "rhgb")
-LAYOUT_FILE = "layout.json"
 ROOT_LOCKED = "!!"  # shadow's "locked, no password": nothing a known password could match
 
 
@@ -114,53 +113,37 @@ def _open_qcow2(ctx: BuildContext) -> tuple[Path, disk.PartitionTable]:
 # -- shrink --------------------------------------------------------------------------------------
 
 
-def build_shrink(ctx: BuildContext) -> None:
-    """Copy the partitions out of the qcow2 and shrink the root filesystem to `root_size`."""
-    for tool in ("qemu-img", "sfdisk", "e2fsck", "resize2fs", "debugfs", "dumpe2fs"):
-        require_tool(tool)
-    epoch = ctx.source_date_epoch
-    root_size = int(ctx.params["root_size"])
-    image, table = _open_qcow2(ctx)
-    # Extracted straight into the output and shrunk in place: the pieces are the stage's result, kept
-    # sparse (the store hashes sparse files by their data), so the data is copied out exactly once.
-    pieces = _extract_partitions(image, table, ctx.out)
-    root = _pick_root(table, lambda part: (pieces[part.number], 0), epoch, ctx.work / "scratch", image.name)
+def _shrunk_table(table: disk.PartitionTable, image_name: str, root_size: int, disk_size: int) -> disk.PartitionTable:
+    """The partition table with its last partition (the root, checked later) cut to `root_size`."""
     last = table.by_position()[-1]
-    if root.number != last.number:
+    parts = tuple(
+        replace(part, size=root_size // table.sector_size) if part.number == last.number else part
+        for part in table.partitions
+    )
+    shrunk = replace(table, partitions=parts)
+    if disk_size < shrunk.min_disk_bytes():
         raise EulerbakeError(
-            f"the root filesystem is on partition {root.number}, but partition {last.number} comes after it",
-            hint="only images whose root partition is the last one can be shrunk",
+            f"the disk size {disk.format_size(disk_size)} is smaller than the partitions of {image_name} "
+            f"({disk.format_size(shrunk.min_disk_bytes())} with a {disk.format_size(root_size)} root)",
+            hint=f"raise disk_size to at least {disk.size_argument(shrunk.min_disk_bytes())} or lower root_size",
         )
-    root_piece = pieces[root.number]
-    ext4.check(root_piece, epoch, repair=True)
-    before = ext4.info(root_piece)
-    needed = ext4.minimum_size(root_piece)
+    return shrunk
+
+
+def shrink_root(piece: Path, root_size: int, *, epoch: int, image_name: str, log: Callable[[str], None]) -> None:
+    """e2fsck + resize2fs the root filesystem copy `piece` to exactly `root_size` bytes."""
+    ext4.check(piece, epoch, repair=True)
+    before = ext4.info(piece)
+    needed = ext4.minimum_size(piece)
     if needed > root_size:
         raise EulerbakeError(
-            f"the root filesystem of {image.name} does not fit the requested root size {disk.format_size(root_size)}: "
+            f"the root filesystem of {image_name} does not fit the requested root size {disk.format_size(root_size)}: "
             f"it needs at least {disk.format_size(needed)} (resize2fs -P); {disk.format_size(before.used_bytes)} "
             f"of its {disk.format_size(before.size)} are in use, metadata included",
             hint=f"set root_size to at least {disk.size_argument(needed)}",
         )
-    ctx.log(f"shrink: root partition {root.number} {disk.format_size(before.size)} -> {disk.format_size(root_size)}")
-    ext4.resize(root_piece, root_size, epoch)
-    ext4.check(root_piece, epoch, repair=False)
-
-    first_start = table.by_position()[0].offset(table.sector_size)
-    disk.extract_range(image, "qcow2", 0, first_start, ctx.out / "head.img")
-    kinds = {}
-    for number, piece in pieces.items():
-        kinds[number] = "ext" if ext4.is_ext_filesystem(piece) else "fat" if vfat.is_fat_filesystem(piece) else "other"
-    layout = {
-        "source": image.name,
-        "table": table.to_json(),
-        "root": root.number,
-        "root_size": root_size,
-        "pieces": {str(n): pieces[n].name for n in sorted(pieces)},
-        "filesystems": {str(n): kinds[n] for n in sorted(kinds)},
-        "head": "head.img",
-    }
-    (ctx.out / LAYOUT_FILE).write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n")
+    log(f"raw: root filesystem {disk.format_size(before.size)} -> {disk.format_size(root_size)}")
+    ext4.resize(piece, root_size, epoch)  # checked read-only with e2fsck once all changes are made
 
 
 def _mib_multiple(value: str | int, what: str) -> int:
@@ -170,19 +153,6 @@ def _mib_multiple(value: str | int, what: str) -> int:
             f"{what} {value!r} is not a whole number of MiB", hint="partitions are 1 MiB aligned; use e.g. 6G or 6144M"
         )
     return size
-
-
-def shrink(label: str, qcow2: Derivation | Source, *, root_size: str = "6G") -> Derivation:
-    """Stage `shrink:<label>`: the qcow2's partitions as raw pieces, root filesystem shrunk to `root_size`."""
-    return Derivation(
-        stage="shrink",
-        label=label,
-        builder=build_shrink,
-        inputs={"qcow2": qcow2},
-        params={"root_size": _mib_multiple(root_size, "root_size")},
-        extra_code=LIBRARY_CODE,
-        doc=f"partitions of the qcow2, root filesystem shrunk to {root_size} (no NBD, no mount)",
-    )
 
 
 # -- overlays ------------------------------------------------------------------------------------
@@ -486,35 +456,30 @@ def _selinux_enabled(root: ext4.Ext4Image) -> bool:
 
 
 def build_raw(ctx: BuildContext) -> None:
-    """Overlays + hygiene on copies of the shrunk pieces, then the sparse raw disk."""
-    for tool in ("qemu-img", "sfdisk", "e2fsck", "debugfs", "depmod"):
+    """Partitions out of the qcow2, root shrunk, overlays + hygiene applied, the sparse raw disk made."""
+    for tool in ("qemu-img", "sfdisk", "e2fsck", "resize2fs", "tune2fs", "debugfs", "dumpe2fs", "depmod"):
         require_tool(tool)
     epoch = ctx.source_date_epoch
-    shrunk = ctx.inputs["shrink"]
-    layout: dict[str, Any] = json.loads((shrunk / LAYOUT_FILE).read_text())
-    table = disk.PartitionTable.from_json(layout["table"])
-    root_number = int(layout["root"])
-    root_size = int(layout["root_size"])
-    parts = tuple(
-        replace(part, size=root_size // table.sector_size) if part.number == root_number else part
-        for part in table.partitions
-    )
-    new_table = disk.with_seeded_ids(replace(table, partitions=parts), ctx.seed("partition-table"))
+    root_size = int(ctx.params["root_size"])
     disk_size = int(ctx.params["disk_size"])
-    if disk_size < new_table.min_disk_bytes():
-        raise EulerbakeError(
-            f"the disk size {disk.format_size(disk_size)} is smaller than the partitions "
-            f"({disk.format_size(new_table.min_disk_bytes())} with a {disk.format_size(root_size)} root)",
-            hint=f"raise disk_size to at least {disk.size_argument(new_table.min_disk_bytes())} or lower root_size",
-        )
-
-    pieces: dict[int, Path] = {}
-    for number_text, name in layout["pieces"].items():
-        pieces[int(number_text)] = ctx.work / f"p{number_text}.img"
-        disk.copy_sparse(shrunk / name, pieces[int(number_text)])
+    image, table = _open_qcow2(ctx)
+    new_table = disk.with_seeded_ids(
+        _shrunk_table(table, image.name, root_size, disk_size), ctx.seed("partition-table")
+    )
+    pieces = _extract_partitions(image, table, ctx.work)
     scratch = ctx.work / "scratch"
-    root = ext4.Ext4Image(pieces[root_number], epoch, scratch)
+    root_number = _pick_root(table, lambda part: (pieces[part.number], 0), epoch, scratch, image.name).number
+    last = table.by_position()[-1]
+    if root_number != last.number:
+        raise EulerbakeError(
+            f"the root filesystem is on partition {root_number}, but partition {last.number} comes after it",
+            hint="only images whose root partition is the last one can be shrunk",
+        )
+    shrink_root(pieces[root_number], root_size, epoch=epoch, image_name=image.name, log=ctx.log)
+    head = ctx.work / "head.img"
+    disk.extract_range(image, "qcow2", 0, table.by_position()[0].offset(table.sector_size), head)
 
+    root = ext4.Ext4Image(pieces[root_number], epoch, scratch)
     releases = module_releases(root)
     written: list[str] = []
     for name in ctx.params["overlays"]:
@@ -531,11 +496,11 @@ def build_raw(ctx: BuildContext) -> None:
         ctx.log(f"raw: depmod {release}: {len(indexes)} module index file(s) rewritten")
     ctx.log(f"raw: {len(written)} overlay file(s) injected")
 
-    boots = [
-        BootFilesystem(int(n), pieces[int(n)], kind, epoch, scratch)
-        for n, kind in sorted(layout["filesystems"].items())
-        if int(n) != root_number and kind in ("ext", "fat")
-    ]
+    boots = []
+    for number, piece in sorted(pieces.items()):
+        kind = "ext" if ext4.is_ext_filesystem(piece) else "fat" if vfat.is_fat_filesystem(piece) else "other"
+        if number != root_number and kind != "other":
+            boots.append(BootFilesystem(number, piece, kind, epoch, scratch))
     if ctx.params["hygiene"]:
         for change in apply_hygiene(root, boots, serial_console=ctx.params["serial_console"]):
             ctx.log(f"raw: {change}")
@@ -546,12 +511,9 @@ def build_raw(ctx: BuildContext) -> None:
     ext4.check(pieces[root_number], epoch, repair=False)
     for boot in boots:
         boot.check()
-    # The root piece is a scratch copy: it may become disk.raw itself instead of being copied again.
-    disk.assemble_disk(
-        ctx.out / "disk.raw", disk_size, new_table, pieces, head=shrunk / layout["head"], consume_last_piece=True
-    )
-    description = {"table": new_table.to_json(), "root": root_number, "disk_size": disk_size}
-    description["source"] = layout["source"]
+    # The root piece is this build's own copy: it becomes disk.raw itself instead of being copied again.
+    disk.assemble_disk(ctx.out / "disk.raw", disk_size, new_table, pieces, head=head, consume_last_piece=True)
+    description = {"table": new_table.to_json(), "root": root_number, "disk_size": disk_size, "source": image.name}
     (ctx.out / "disk.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
 
 
@@ -569,13 +531,13 @@ def raw_image(
     if arch not in SERIAL_CONSOLES:
         raise EulerbakeError(f"unknown architecture {arch!r}", hint=f"use one of {sorted(SERIAL_CONSOLES)}")
     size = _mib_multiple(disk_size, "disk_size")
-    shrunk = shrink(label, qcow2, root_size=root_size)
-    if size < shrunk.params["root_size"]:
+    root = _mib_multiple(root_size, "root_size")
+    if size < root:
         raise EulerbakeError(
             f"disk_size {disk_size} is smaller than root_size {root_size}",
             hint="the disk holds the root partition and the partitions before it; make it larger",
         )
-    inputs: dict[str, Derivation | LocalTree] = {"shrink": shrunk}
+    inputs: dict[str, Derivation | LocalTree | Source] = {"qcow2": qcow2}
     names = []
     for index, overlay in enumerate(overlays):
         if not isinstance(overlay, (Derivation, LocalTree)):
@@ -590,6 +552,7 @@ def raw_image(
         inputs=inputs,
         params={
             "disk_size": size,
+            "root_size": root,
             "hygiene": bool(hygiene),
             "arch": arch,
             "serial_console": SERIAL_CONSOLES[arch],

@@ -134,8 +134,16 @@ def _image_opts(path: Path, fmt: str, offset: int, size: int) -> str:
 
 
 def extract_range(image: Path, fmt: str, offset: int, size: int, dest: Path) -> None:
-    """Copy bytes [offset, offset+size) of a (qcow2 or raw) image into a new sparse raw file."""
-    run(["qemu-img", "convert", "-O", "raw", "--image-opts", _image_opts(image, fmt, offset, size), dest])
+    """Copy bytes [offset, offset+size) of a (qcow2 or raw) image into a new sparse raw file.
+
+    The copy is written with O_DIRECT (`-t none`) where the filesystem allows it: every
+    e2fsprogs tool fsyncs the file it opens, so the data has to reach the disk before any
+    filesystem work can start, and writing it there directly skips filling the page cache first.
+    """
+    cmd: list[str | Path] = ["qemu-img", "convert", "-O", "raw", "--image-opts", _image_opts(image, fmt, offset, size)]
+    if run([*cmd[:2], "-t", "none", *cmd[2:], dest], check=False).returncode != 0:
+        dest.unlink(missing_ok=True)  # e.g. tmpfs on older kernels: no O_DIRECT
+        run([*cmd, dest])
 
 
 def write_range(piece: Path, disk: Path, offset: int) -> None:
@@ -160,6 +168,33 @@ def copy_sparse(src: Path, dest: Path) -> None:
 def convert(src: Path, src_format: str, dest: Path, dest_format: str) -> None:
     """qemu-img convert between raw and qcow2; zero blocks stay unallocated in either format."""
     run(["qemu-img", "convert", "-f", src_format, "-O", dest_format, src, dest])
+
+
+def deallocate_zeroes(path: Path, offset: int, length: int) -> None:
+    """Punch out the parts of [offset, offset+length) that read as zeros but hold blocks.
+
+    Only ranges the filesystem itself reports as holes (SEEK_HOLE: unwritten or unallocated
+    extents) are punched, so the file's contents never change.
+    """
+    end = offset + length
+    holes = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        position = offset
+        while position < end:
+            try:
+                data = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # no data after `position`
+                data = end
+            if data > position:
+                holes.append((position, min(data, end) - position))
+            if data >= end:
+                break
+            position = os.lseek(fd, data, os.SEEK_HOLE)
+    finally:
+        os.close(fd)
+    for start, size in holes:
+        run(["fallocate", "--punch-hole", "--keep-size", "--offset", str(start), "--length", str(size), path])
 
 
 def create_sparse(path: Path, size: int) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from eulerbake.disk import deallocate_zeroes
 from eulerbake.errors import EulerbakeError
 from eulerbake.run import run
 
@@ -81,6 +82,8 @@ class FilesystemInfo:
     free_blocks: int
     features: tuple[str, ...]
     state: str
+    journal_blocks: int = 0  # blocks of the internal journal (inode 8); 0 without one
+    journal_features: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -110,6 +113,8 @@ def info(image: str | Path) -> FilesystemInfo:
         free_blocks=int(fields["Free blocks"]),
         features=tuple(fields.get("Filesystem features", "").split()),
         state=fields.get("Filesystem state", ""),
+        journal_blocks=int(fields.get("Total journal blocks", "0")) if "Journal inode" in fields else 0,
+        journal_features=tuple(f for f in fields.get("Journal features", "").split() if f != "(none)"),
     )
 
 
@@ -139,21 +144,58 @@ def minimum_size(image: str | Path) -> int:
     return int(match.group(1)) * info(image).block_size
 
 
+JOURNAL_INODE = 8
+_EXTENT_RE = re.compile(r"\((\d+)(?:-(\d+))?\):(\d+)(?:-(\d+))?")
+
+
 def resize(image: Path, size: int, epoch: int) -> None:
     """Resize the filesystem in a standalone image file to exactly `size` bytes (file included).
 
     The filesystem must have been checked with `check(repair=True)` just before, as resize2fs demands.
+    When shrinking, an internal journal is dropped first and made again afterwards (same size,
+    placed where mke2fs would place it): resize2fs would otherwise copy it block by block out of
+    the cut-off end, writing hundreds of MiB of zeros. The new journal's zero blocks are left
+    unallocated, so the image stays sparse.
     """
     image = _standalone(image)
-    block_size = info(image).block_size
+    before = info(image)
+    block_size = before.block_size
     if size % block_size:
         raise EulerbakeError(f"filesystem size {size} is not a multiple of the block size {block_size}")
+    journal_bytes = before.journal_blocks * block_size
+    remake_journal = (
+        size < before.size
+        and "has_journal" in before.features
+        and before.journal_blocks > 0
+        and not before.journal_features  # no fast commit area or other extras to carry over
+        and journal_bytes % 2**20 == 0
+    )
     if image.stat().st_size < size:
         with image.open("r+b") as handle:  # resize2fs only grows into space the file already has
             handle.truncate(size)
+    if remake_journal:
+        run(["tune2fs", "-O", "^has_journal", image], env=fs_env(epoch))
     run(["resize2fs", image, f"{size // 1024}K"], env=fs_env(epoch))
     with image.open("r+b") as handle:
         handle.truncate(size)
+    if remake_journal:
+        run(["tune2fs", "-J", f"size={journal_bytes // 2**20}", image], env=fs_env(epoch))
+        for first, count in block_ranges(image, JOURNAL_INODE):
+            # The journal superblock is data; the rest is zero and may be left unallocated.
+            deallocate_zeroes(image, first * block_size, count * block_size)
+
+
+def block_ranges(image: str | Path, inode: int) -> list[tuple[int, int]]:
+    """(first physical block, block count) of each extent of `inode` (`debugfs stat`)."""
+    proc = run(["debugfs", "-R", f"stat <{inode}>", image])
+    text = proc.stdout.decode(errors="replace")
+    if "EXTENTS:" not in text:
+        return []
+    ranges = []
+    for match in _EXTENT_RE.finditer(text.split("EXTENTS:", 1)[1]):  # index blocks "(ETB0):N" do not match
+        first, last = int(match.group(3)), int(match.group(4) or match.group(3))
+        ranges.append((first, last - first + 1))
+    return ranges
 
 
 def make_filesystem(
@@ -237,21 +279,42 @@ class Ext4Image:
         return f"Ext4Image({self.image!r})"
 
     # -- raw debugfs sessions ----------------------------------------------------------------
+    def _forget_listings(self, touched: Iterable[str] | None) -> None:
+        """Drop cached listings a change may have made stale: all of them, or those of the parents
+        of `touched` paths and of anything at or below them."""
+        if touched is None:
+            self._listings.clear()
+            return
+        for path in touched:
+            self._listings.pop(posixpath.dirname(path) or "/", None)
+            for cached in [c for c in self._listings if c == path or c.startswith(path.rstrip("/") + "/")]:
+                del self._listings[cached]
+
     def _session(self, commands: Sequence[str], *, write: bool) -> tuple[bytes, str]:
         if write:
             _standalone(self.image)
-            self._listings.clear()
         cmd = ["debugfs", *(["-w"] if write else []), "-f", "/dev/stdin", self.image]
         proc = run(cmd, input=("\n".join(commands) + "\n").encode(), env=fs_env(self.epoch))
         return proc.stdout, proc.stderr.decode(errors="replace")
 
-    def execute(self, commands: Sequence[str], *, write: bool = True, benign: Iterable[str] = ()) -> bytes:
+    def execute(
+        self,
+        commands: Sequence[str],
+        *,
+        write: bool = True,
+        benign: Iterable[str] = (),
+        touched: Iterable[str] | None = None,
+    ) -> bytes:
         """Run debugfs commands in one session; any error message fails the whole call.
 
         debugfs exits 0 even when a command fails, so its stderr is the only reliable signal.
+        A writing session names the paths it creates, changes or removes in `touched` so that
+        only the directory listings those show up in are read again (default: all of them).
         """
         if not commands:
             return b""
+        if write:
+            self._forget_listings(touched)
         stdout, stderr = self._session(commands, write=write)
         problems = _problems(stderr, benign)
         if problems:
@@ -406,7 +469,7 @@ class Ext4Image:
         for name in missing:
             current = posixpath.join(current, name)
             commands += [f"mkdir {quote(current)}", *self._attr_commands(current, attrs)]
-        self.execute(commands)
+        self.execute(commands, touched=[posixpath.join(found, missing[0])])
         return current
 
     def _attr_commands(self, path: str, attrs: FileAttrs, file_type: int | None = None) -> list[str]:
@@ -434,7 +497,8 @@ class Ext4Image:
         entry = None if missing else (self.list_dir(parent) or {}).get(posixpath.basename(path))
         if entry is None:
             return False
-        self.execute(self._remove_commands(posixpath.join(parent, entry.name), entry))
+        target = posixpath.join(parent, entry.name)
+        self.execute(self._remove_commands(target, entry), touched=[target])
         return True
 
     def write_file(
@@ -478,7 +542,7 @@ class Ext4Image:
             value_file = self._temp("xattr")
             value_file.write_bytes(value)
             commands.append(f"ea_set -f {quote(str(value_file))} {quote(target)} {xname}")
-        self.execute(commands)
+        self.execute(commands, touched=[target])
         if not isinstance(content, Path):
             source.unlink()
         return target
@@ -500,7 +564,7 @@ class Ext4Image:
             f"sif {quote(link)} uid {owner.uid}",
             f"sif {quote(link)} gid {owner.gid}",
         ]
-        self.execute(commands)
+        self.execute(commands, touched=[link])
         return link
 
     def set_attrs(self, path: str, attrs: FileAttrs) -> None:
@@ -508,7 +572,10 @@ class Ext4Image:
         entry = self.lstat(path)
         if entry is None:
             raise EulerbakeError(f"{path} does not exist in {self.image}")
-        self.execute(self._attr_commands(path, attrs, stat.S_IFMT(entry.mode)))
+        parent, _ = self.resolve(posixpath.dirname(path) or "/")
+        # A file's other hard links show the new mode too: only a directory's change stays local.
+        touched = [posixpath.join(parent, posixpath.basename(path))] if entry.is_dir else None
+        self.execute(self._attr_commands(path, attrs, stat.S_IFMT(entry.mode)), touched=touched)
 
     def pin_times(self, paths: Iterable[str]) -> None:
         """Set access, change, modify and creation times of every path to the epoch.
@@ -520,7 +587,7 @@ class Ext4Image:
         for path in paths:
             for field in ("atime", "ctime", "mtime", "crtime"):
                 commands.append(f"sif {quote(path)} {field} @{self.epoch}")
-        self.execute(commands)
+        self.execute(commands, touched=())  # listings show no times
 
 
 def inject_tree(

@@ -1,4 +1,4 @@
-"""Fixtures for the image-stage tests: the offline sample qcow2s, their shrink/raw outputs, and
+"""Fixtures for the image-stage tests: the offline sample qcow2s, their raw outputs, and
 small purpose-made disks (built with sfdisk, mkfs and qemu-img) for the failure cases.
 
 The sample images and the stages built from them are shared by the whole session through one
@@ -149,7 +149,6 @@ class Built:
     qcow2: Path
     raw_drv: Derivation
     raw_dir: Path
-    shrink_dir: Path
 
     @property
     def disk(self) -> Path:
@@ -169,8 +168,7 @@ def built(session_store: Store) -> Iterator[dict[str, Built]]:
         qcow2_dir = session_store.realise(qcow2_drv, log=lambda _: None).path
         drv = raw_image(f"sample:{arch}", qcow2_drv, overlays_for(arch), arch=arch)
         raw_dir = session_store.realise(drv, log=lambda _: None).path
-        shrink_dir = session_store.path(drv.inputs["shrink"])
-        results[arch] = Built(arch, next(qcow2_dir.glob("*.qcow2")), drv, raw_dir, shrink_dir)
+        results[arch] = Built(arch, next(qcow2_dir.glob("*.qcow2")), drv, raw_dir)
     yield results
 
 

@@ -154,6 +154,29 @@ def test_filesystem_changes_refuse_offset_views(small_fs: Path, tmp_path: Path) 
     assert small_fs.stat().st_size == before
 
 
+@pytest.mark.parametrize("fs_type", ["ext4", "ext2"])
+def test_shrink_remakes_the_journal_sparse(fs_type: str, tmp_path: Path) -> None:
+    """Shrinking drops and remakes an internal journal (same size) instead of copying it; the new
+    journal's zero blocks stay unallocated. A filesystem without a journal is simply resized."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "blob").write_bytes(os.urandom(4 * 1024**2))
+    image = tmp_path / "fs.img"
+    run(["truncate", "-s", "2G", image])
+    journal = ["-J", "size=64"] if fs_type == "ext4" else []
+    run([f"mkfs.{fs_type}", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", *journal, "-d", data, image])
+    ext4.check(image, EPOCH, repair=True)
+    ext4.resize(image, 256 * 1024**2, EPOCH)
+    assert image.stat().st_size == 256 * 1024**2
+    e2fsck_clean(image)
+    after = ext4.info(image)
+    assert after.block_count * after.block_size == 256 * 1024**2
+    assert ("has_journal" in after.features) == (fs_type == "ext4")
+    assert after.journal_blocks * after.block_size == (64 * 1024**2 if fs_type == "ext4" else 0)
+    assert disk.allocated_bytes(image) < 16 * 1024**2  # 4 MiB of data + metadata, no zero-filled journal
+    assert debugfs_cat(image, "/blob") == (data / "blob").read_bytes()
+
+
 def test_raw_keeps_boot_code_of_a_hand_made_disk(tmp_path: Path) -> None:
     """MBR boot code and the gap before the first partition (GRUB's core.img) survive; /boot may be absent
     from the root filesystem's view and so may sshd_config, machine-id and cloud-init state."""
