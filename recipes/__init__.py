@@ -4,7 +4,7 @@ Stage graph per cell (`<release>:<arch>`):
 
     fetch (qcow2.xz) → unpack → image-modules ─┐
     fetch (kernel-devel) → kernel-headers ──────┼→ kmod-ena → kmod-check ─┐
-    fetch (amzn-drivers) ───────────────────────┘                         ├→ shrink → raw
+    fetch (amzn-drivers) ───────────────────────┘                         ├→ raw
     overlays/ena, overlays/hygiene (built in) ────────────────────────────┘
 
 The sample (`sample:x86_64`, `sample:aarch64`) is openEuler-shaped but made here, offline; its
