@@ -167,7 +167,8 @@ def resize(image: Path, size: int, epoch: int) -> None:
         size < before.size
         and "has_journal" in before.features
         and before.journal_blocks > 0
-        and not before.journal_features  # no fast commit area or other extras to carry over
+        and not before.journal_features
+        and "fast_commit" not in before.features  # its area would have to be carried over too
         and journal_bytes % 2**20 == 0
     )
     if image.stat().st_size < size:
