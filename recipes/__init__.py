@@ -13,6 +13,7 @@ x86_64 cell carries the host's Debian kernel so the ENA module and its gate run 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from eulerbake.derivation import Derivation, LocalTree
@@ -25,6 +26,11 @@ ENA_MODULE_ARCHES = ("aarch64",)
 
 def sample_targets() -> list[Derivation]:
     """raw:sample:x86_64 (with a real ENA ko built against the host kernel) and raw:sample:aarch64."""
+    return list(_sample_targets())
+
+
+@functools.cache  # asked for by both targets() and default_targets(); looking up dpkg's lists costs ~30 ms
+def _sample_targets() -> tuple[Derivation, ...]:
     targets = []
     for arch in ("x86_64", "aarch64"):
         label = f"sample:{arch}"
@@ -35,7 +41,7 @@ def sample_targets() -> list[Derivation]:
             chain = kmod.debian_ena_chain(label, sample.sample_kernel_release(), image_modules=modules)
             overlays.append(chain["overlay"])
         targets.append(image.raw_image(label, qcow2, overlays, arch=arch))
-    return targets
+    return tuple(targets)
 
 
 def release_targets(rel: releases.Release) -> list[Derivation]:

@@ -22,7 +22,7 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -96,8 +96,12 @@ def _dpkg_owner(path: Path) -> str | None:
     # A direct lookup first: globbing /var/lib/dpkg/info (thousands of files) costs ~15 ms per pattern.
     exact = DPKG_INFO / f"{path.name}.list"
     likely = [exact] if exact.is_file() else sorted(DPKG_INFO.glob(f"{path.name}:*.list"))
+
+    def every_list() -> Iterator[Path]:  # a generator, so the directory is only listed when needed
+        yield from (p for p in sorted(DPKG_INFO.glob("*.list")) if p not in likely)
+
     # Scanning every package's list is the slow fallback: only when no package is named like the directory.
-    for listing in itertools.chain(likely, (p for p in sorted(DPKG_INFO.glob("*.list")) if p not in likely)):
+    for listing in itertools.chain(likely, every_list()):
         if line in b"\n" + listing.read_bytes():
             return listing.name[: -len(".list")]
     return None

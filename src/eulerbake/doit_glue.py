@@ -44,10 +44,14 @@ class Blake3Checker(FileChangedChecker):  # type: ignore[misc]
         return (st.st_mtime, st.st_size, hashing.hash_file(Path(dep)))
 
 
-def in_store(store_root: str, key: str, store_name: str) -> bool:
+def store_path(node: Node, store_root: str) -> Path:
+    """Where `node`'s output lives (its key is computed here, on first use, not when tasks load)."""
+    return Store(Path(store_root)).path(node)
+
+
+def in_store(node: Node, store_root: str) -> bool:
     """doit `uptodate`: the output is current exactly when its key is in the store."""
-    root = Path(store_root)
-    return (root / f"{key}-{store_name}.json").is_file() and (root / f"{key}-{store_name}").is_dir()
+    return Store(Path(store_root)).has(node)
 
 
 def _stderr_log(message: str) -> None:
@@ -68,17 +72,22 @@ def realise_task(node: Node, store_root: str) -> dict[str, Any] | TaskFailed:
     return {"path": str(result.path), "built": result.built}
 
 
-def remove_entry(store_root: str, key: str, store_name: str) -> None:
+def remove_entry(node: Node, store_root: str) -> None:
     """doit `clean`: delete this task's store entry (other entries are untouched)."""
     store = Store(Path(store_root))
-    meta = Path(store_root) / f"{key}-{store_name}.json"
+    meta = store.meta_path(node)
     if meta.is_file():
         store.delete(store.read_meta(meta))
         print(f"removed {meta.with_suffix('')}")
 
 
 def task_dict(node: Node, store: Store) -> dict[str, Any]:
-    """The doit task dict of one derivation or source."""
+    """The doit task dict of one derivation or source.
+
+    Nothing here computes the node's key: doit loads every task of the project on each run, but
+    asks `uptodate` only of the tasks it was told to run, so a no-op over the default targets
+    hashes only their inputs.
+    """
     stage, _, label = node.task_name.partition(":")
     if isinstance(node, Derivation):
         deps = [dep.task_name for dep in node.dependencies()]
@@ -88,7 +97,7 @@ def task_dict(node: Node, store: Store) -> dict[str, Any]:
         deps, files = [], []
         doc = f"fetch {node.filename} ({'pinned' if node.pinned else 'NOT pinned: run eulerbake lock'})"
     root = str(store.root)
-    args = [root, node.key, node.store_name]
+    args = [node, root]
     return {
         "basename": stage,
         "name": label or None,
@@ -98,23 +107,24 @@ def task_dict(node: Node, store: Store) -> dict[str, Any]:
         "file_dep": files,
         "task_dep": deps,
         "clean": [(remove_entry, args)],
-        "meta": {"key": node.key, "store_path": str(store.path(node))},
+        "meta": {"node": node, "store_root": root},
     }
 
 
 def unique_nodes(roots: list[Derivation]) -> list[Node]:
-    """Reachable nodes, dependencies first, one per key; two keys under one task name is an error."""
-    by_name: dict[str, str] = {}
-    unique: dict[str, Node] = {}
+    """Reachable nodes, dependencies first, one per task name; two keys under one name is an error.
+
+    Keys are compared only when two distinct objects claim the same task name.
+    """
+    by_name: dict[str, Node] = {}
     for node in walk(roots):
-        previous = by_name.setdefault(node.task_name, node.key)
-        if previous != node.key:
+        previous = by_name.setdefault(node.task_name, node)
+        if previous is not node and previous.key != node.key:
             raise EulerbakeError(
                 f"two different derivations are both named {node.task_name}",
                 hint="give each derivation a unique stage:label",
             )
-        unique.setdefault(node.key, node)
-    return list(unique.values())
+    return list(by_name.values())
 
 
 def tasks_for(roots: list[Derivation], store: Store) -> Iterator[dict[str, Any]]:

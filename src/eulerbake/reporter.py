@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
+from eulerbake.doit_glue import store_path
+
 
 def human_size(size: int) -> str:
     value = float(size)
@@ -42,7 +44,11 @@ class RichReporter:
 
     @staticmethod
     def _is_build_task(task: Any) -> bool:
-        return bool(task.actions) and bool(getattr(task, "meta", None)) and "store_path" in task.meta
+        return bool(task.actions) and bool(getattr(task, "meta", None)) and "node" in task.meta
+
+    @staticmethod
+    def _store_path(task: Any) -> str:
+        return str(store_path(task.meta["node"], task.meta["store_root"]))
 
     def initialize(self, tasks: dict[str, Any], selected_tasks: list[str]) -> None:
         self.total = sum(1 for task in tasks.values() if self._is_build_task(task))
@@ -72,7 +78,7 @@ class RichReporter:
         self.done += 1
         built = bool(task.values.get("built")) if task.values else True
         seconds = time.monotonic() - self.started.get(task.name, time.monotonic())
-        self.rows[task.name] = ("built" if built else "cached", task.meta["store_path"])
+        self.rows[task.name] = ("built" if built else "cached", self._store_path(task))
         verb = f"built in {seconds:.1f}s" if built else "found in store"
         self.console.print(f"[bold green]✔[/] {task.name} [dim]{verb}[/]")
         self._progress(f"[{self.done}/{self.total}] …")
@@ -81,17 +87,17 @@ class RichReporter:
         message = fail.get_msg() if hasattr(fail, "get_msg") else str(fail)
         self.failures.append((task.name, message))
         if self._is_build_task(task):
-            self.rows[task.name] = ("FAILED", task.meta["store_path"])
+            self.rows[task.name] = ("FAILED", self._store_path(task))
         self.console.print(f"[bold red]✘[/] {task.name} failed")
 
     def skip_uptodate(self, task: Any) -> None:
         if self._is_build_task(task):
             self.done += 1
-            self.rows[task.name] = ("cached", task.meta["store_path"])
+            self.rows[task.name] = ("cached", self._store_path(task))
 
     def skip_ignore(self, task: Any) -> None:
         if self._is_build_task(task):
-            self.rows[task.name] = ("ignored", task.meta["store_path"])
+            self.rows[task.name] = ("ignored", self._store_path(task))
 
     def cleanup_error(self, exception: Any) -> None:
         self.errors.print(f"[red]cleanup error:[/] {exception}")
