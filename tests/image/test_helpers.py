@@ -181,6 +181,33 @@ def test_shrink_remakes_the_journal_sparse(fs_type: str, tmp_path: Path) -> None
     assert debugfs_cat(image, "/blob") == (data / "blob").read_bytes()
 
 
+def test_shrink_moves_files_that_lie_beyond_the_new_end(tmp_path: Path) -> None:
+    """A file placed 1.2 GiB into a 2 GiB filesystem survives a shrink to 512 MiB byte for byte."""
+    image = tmp_path / "fs.img"
+    run(["truncate", "-s", "2G", image])
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", image])
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(3_000_000))
+    fs = ext4.Ext4Image(image, EPOCH, tmp_path / "scratch")
+    fs.write_file("/filler", b"x")
+    fs.execute(["fallocate /filler 0 300000"])  # 1.1 GiB of blocks, metadata only: pushes the next file far out
+    fs.write_file("/payload", payload)
+    fs.remove("/filler")
+
+    def payload_blocks() -> list[tuple[int, int]]:
+        entry = ext4.Ext4Image(image, EPOCH, tmp_path / "scratch").lstat("/payload")
+        assert entry is not None
+        return ext4.block_ranges(image, entry.inode)
+
+    assert payload_blocks()[0][0] * 4096 > 1024**3
+    ext4.check(image, EPOCH, repair=True)
+    ext4.resize(image, 512 * 1024**2, EPOCH)
+    e2fsck_clean(image)
+    assert image.stat().st_size == 512 * 1024**2
+    assert all(start + count <= 512 * 1024**2 // 4096 for start, count in payload_blocks())
+    assert debugfs_cat(image, "/payload") == payload.read_bytes()
+
+
 def test_raw_keeps_boot_code_of_a_hand_made_disk(tmp_path: Path) -> None:
     """MBR boot code and the gap before the first partition (GRUB's core.img) survive; /boot may be absent
     from the root filesystem's view and so may sshd_config, machine-id and cloud-init state."""
