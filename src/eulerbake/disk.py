@@ -177,24 +177,17 @@ def deallocate_zeroes(path: Path, offset: int, length: int) -> None:
     extents) are punched, so the file's contents never change.
     """
     end = offset + length
-    holes = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        position = offset
-        while position < end:
-            try:
-                data = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # no data after `position`
-                data = end
-            if data > position:
-                holes.append((position, min(data, end) - position))
-            if data >= end:
-                break
-            position = os.lseek(fd, data, os.SEEK_HOLE)
+        segments = hashing.data_segments(fd, end, offset)
     finally:
         os.close(fd)
-    for start, size in holes:
-        run(["fallocate", "--punch-hole", "--keep-size", "--offset", str(start), "--length", str(size), path])
+    hole_start = offset
+    for data_start, data_end in [*segments, (end, end)]:  # the holes are the gaps between data regions
+        if data_start > hole_start:
+            punch = ["--offset", str(hole_start), "--length", str(data_start - hole_start)]
+            run(["fallocate", "--punch-hole", "--keep-size", *punch, path])
+        hole_start = data_end
 
 
 def create_sparse(path: Path, size: int) -> None:

@@ -71,17 +71,19 @@ def hash_json(value: Any) -> str:
 _ZEROS = bytes(CHUNK)
 
 
-def _data_segments(fd: int, size: int) -> list[tuple[int, int]]:
-    """(start, end) of the data regions of a sparse file, via SEEK_DATA/SEEK_HOLE."""
+def data_segments(fd: int, size: int, start: int = 0) -> list[tuple[int, int]]:
+    """(start, end) of the data regions of a sparse file in [start, size), via SEEK_DATA/SEEK_HOLE."""
     segments = []
-    offset = 0
+    offset = start
     while offset < size:
         try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
+            data = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError:  # ENXIO: only a hole remains
             break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        segments.append((start, end))
+        if data >= size:
+            break
+        end = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        segments.append((data, end))
         offset = end
     return segments
 
@@ -97,7 +99,7 @@ def _hash_sparse(path: Path, size: int) -> str:
         fd = f.fileno()
         position = 0
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-            for start, end in _data_segments(fd, size):
+            for start, end in data_segments(fd, size):
                 while position < start:
                     step = min(CHUNK, start - position)
                     hasher.update(_ZEROS[:step] if step < CHUNK else _ZEROS)
