@@ -6,7 +6,7 @@
 
 from pathlib import Path
 
-from eulerbake.project import Project
+from eulerbake.tasks.project import Project
 
 _project = Project(Path(__file__).resolve().parent)
 

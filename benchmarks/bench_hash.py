@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eulerbake import hashing
+from eulerbake.core import hashing
 
 
 def timed(fn) -> float:  # type: ignore[no-untyped-def]

@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from eulerbake import hashing  # noqa: E402
-from eulerbake.derivation import BuildContext, Derivation, LocalTree, Source  # noqa: E402
-from eulerbake.run import run  # noqa: E402
-from eulerbake.store import DEFAULT_SOURCE_DATE_EPOCH, Store, remove_tree  # noqa: E402
+from eulerbake.core.derivation import BuildContext, Derivation, LocalTree, FixedOutput  # noqa: E402
+from eulerbake.tools.run import run  # noqa: E402
+from eulerbake.store.local import DEFAULT_SOURCE_DATE_EPOCH, Store, remove_tree  # noqa: E402
 from recipes.image import build_raw, raw_image  # noqa: E402
 
 GIB = 1024**3
@@ -121,7 +121,7 @@ def _convert(qcow2: Path, target: Path, *, durable: bool) -> float:
     return elapsed
 
 
-def one_round(qcow2: Path, source: Source, drv: Derivation, base: Path) -> tuple[float, float, float, float]:
+def one_round(qcow2: Path, source: FixedOutput, drv: Derivation, base: Path) -> tuple[float, float, float, float]:
     """(baseline, durable baseline, stages, realise) seconds for one round in the fresh directory `base`."""
     base.mkdir()
     baseline = _convert(qcow2, base / "baseline.raw", durable=False)
@@ -162,7 +162,7 @@ def main() -> None:
     try:
         qcow2 = make_input(work, args.data_mib)
         b3, sha = hashing.hash_file_pair(qcow2, use_cache=False)
-        source = Source(qcow2.name, (str(qcow2),), sha, b3, qcow2.stat().st_size, label="bench")
+        source = FixedOutput(qcow2.name, (str(qcow2),), sha, b3, qcow2.stat().st_size, label="bench")
         drv = raw_image("bench:x86_64", source, [LocalTree(REPO / "overlays" / "ena")], arch="x86_64")
         print(f"input: {qcow2.name}, 40 GiB virtual, {qcow2.stat().st_size / 2**20:.0f} MiB qcow2")
 

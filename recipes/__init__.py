@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from eulerbake.derivation import Derivation, LocalTree
+from eulerbake.core.derivation import Derivation, LocalTree
 from recipes import image, kmod, releases, sample
 
 OVERLAYS = Path(__file__).resolve().parent.parent / "overlays"

@@ -20,13 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import eulerbake.disk
-import eulerbake.ext4
-import eulerbake.vfat
-from eulerbake import disk, ext4, vfat
-from eulerbake.derivation import BuildContext, Derivation, LocalTree, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import require_tool, run
+import eulerbake.fs.disk
+import eulerbake.fs.ext4
+import eulerbake.fs.vfat
+from eulerbake.fs import disk, ext4, vfat
+from eulerbake.core.derivation import BuildContext, Derivation, LocalTree, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.run import require_tool, run
 
 LIBRARY_CODE = tuple(Path(str(module.__file__)) for module in (eulerbake.disk, eulerbake.ext4, eulerbake.vfat))
 ROOT_MARKERS = ("/etc/os-release", "/usr/lib/os-release")
@@ -43,14 +43,14 @@ ROOT_LOCKED = "!!"  # shadow's "locked, no password": nothing a known password c
 
 
 def _qcow2_file(path: Path) -> Path:
-    """The qcow2 a stage was given: a Source is the file, a derivation output holds exactly one."""
+    """The qcow2 a stage was given: a FixedOutput is the file, a derivation output holds exactly one."""
     if not path.is_dir():
         return path
     found = sorted(path.glob("*.qcow2"))
     if len(found) != 1:
         raise EulerbakeError(
             f"{path} should hold exactly one *.qcow2 image, found {len(found)}",
-            hint="give the stage a derivation whose output is a single qcow2, or a Source",
+            hint="give the stage a derivation whose output is a single qcow2, or a FixedOutput",
         )
     return found[0]
 
@@ -519,7 +519,7 @@ def build_raw(ctx: BuildContext) -> None:
 
 def raw_image(
     label: str,
-    qcow2: Derivation | Source,
+    qcow2: Derivation | FixedOutput,
     overlays: Sequence[Derivation | LocalTree],
     *,
     disk_size: str = "8G",
@@ -537,7 +537,7 @@ def raw_image(
             f"disk_size {disk_size} is smaller than root_size {root_size}",
             hint="the disk holds the root partition and the partitions before it; make it larger",
         )
-    inputs: dict[str, Derivation | LocalTree | Source] = {"qcow2": qcow2}
+    inputs: dict[str, Derivation | LocalTree | FixedOutput] = {"qcow2": qcow2}
     names = []
     for index, overlay in enumerate(overlays):
         if not isinstance(overlay, (Derivation, LocalTree)):
@@ -596,7 +596,7 @@ def build_image_modules(ctx: BuildContext) -> None:
     ctx.log(f"image-modules: {release}")
 
 
-def image_modules(label: str, qcow2: Derivation | Source, *, kernel_release: str | None = None) -> Derivation:
+def image_modules(label: str, qcow2: Derivation | FixedOutput, *, kernel_release: str | None = None) -> Derivation:
     """Stage `image-modules:<label>`: `lib/modules/<release>/` and `kernel-release` from the qcow2."""
     params: Mapping[str, Any] = {"kernel_release": kernel_release} if kernel_release else {}
     return Derivation(

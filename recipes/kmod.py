@@ -26,11 +26,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
-import eulerbake.kmod
-from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.kmod import ARCHES, KernelTarget, check_module, find_headers_tree, read_module
-from eulerbake.run import CommandError, run, run_text
+import eulerbake.linux.gate
+from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.linux.gate import ARCHES, KernelTarget, check_module, find_headers_tree, read_module
+from eulerbake.tools.run import CommandError, run, run_text
 
 PROJECT = Path(__file__).resolve().parent.parent
 PATCHES = PROJECT / "overlays" / "patches"
@@ -49,7 +49,7 @@ CROSS_PREFIXES = {
 # Where the build paths are mapped in the module (debug info, __FILE__), so two stores give the same bytes.
 MAPPED_SOURCE_DIR = "/usr/src/eulerbake-kmod"
 MAPPED_HEADERS_DIR = "/usr/src/kernels"
-_GATE_CODE = (Path(eulerbake.kmod.__file__),)
+_GATE_CODE = (Path(eulerbake.linux.gate.__file__),)
 
 
 def patch_series(name: str) -> list[LocalFile]:
@@ -127,12 +127,12 @@ def dpkg_packages_for_headers(headers_dir: Path) -> dict[str, str] | None:
     return owners
 
 
-def kernel_headers(label: str, source: Source | LocalTree | LocalFile | Derivation) -> Derivation:
+def kernel_headers(label: str, source: FixedOutput | LocalTree | LocalFile | Derivation) -> Derivation:
     """Stage `kernel-headers`: a kernel-devel RPM or a headers dir → a self-contained tree in `out/build/`.
 
     The output holds `build/` (`make -C build M=…` works with it), `kernel-release` and `headers.json`.
     """
-    inputs: dict[str, Source | LocalTree | LocalFile | Derivation] = {}
+    inputs: dict[str, FixedOutput | LocalTree | LocalFile | Derivation] = {}
     params: dict[str, object] = {}
     if isinstance(source, LocalTree) and not source.path.is_dir():
         raise EulerbakeError(f"kernel headers directory {source.path} does not exist",
@@ -332,7 +332,7 @@ def _check_headers_source(directory: Path, origin: str) -> None:
 # -- module sources -----------------------------------------------------------------------------------
 
 
-def ena_source_from_linux_tarball(label: str, tarball: LocalFile | Source) -> Derivation:
+def ena_source_from_linux_tarball(label: str, tarball: LocalFile | FixedOutput) -> Derivation:
     """Stage `ena-source`: drivers/net/ethernet/amazon/ena out of a kernel source tarball (Debian linux-source)."""
     return Derivation(
         stage="ena-source",
@@ -377,7 +377,7 @@ def tool_version(tool: str) -> str:
 def kmod_build(
     label: str,
     *,
-    source: Derivation | Source | LocalTree,
+    source: Derivation | FixedOutput | LocalTree,
     headers: Derivation,
     patches: Sequence[LocalFile],
     module: str = "ena",
@@ -402,7 +402,7 @@ def kmod_build(
     cross = variables.get("CROSS_COMPILE", "")
     variables.setdefault("CC", f"{cross}gcc")
     toolchain = {"cc": tool_version(variables["CC"]), "ld": tool_version(variables.get("LD", f"{cross}ld"))}
-    inputs: dict[str, Derivation | Source | LocalTree | LocalFile] = {"source": source, "headers": headers}
+    inputs: dict[str, Derivation | FixedOutput | LocalTree | LocalFile] = {"source": source, "headers": headers}
     for index, patch in enumerate(patches, 1):
         inputs[f"patch-{index:03d}"] = patch
     return Derivation(

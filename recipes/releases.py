@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from eulerbake.derivation import Derivation, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.lock import LockFile, PinRequest
+from eulerbake.core.derivation import Derivation, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.fetch.lock import LockFile, PinRequest
 from recipes.unpack import unpack
 
 ARCHES = ("x86_64", "aarch64")
@@ -184,11 +184,11 @@ def read_lock(path: Path = LOCK_PATH) -> LockFile:
     return _read_lock(path, st.st_mtime_ns if st else 0, st.st_size if st else -1)
 
 
-def _pinned(lock_id: str, filename: str, relative_paths: Sequence[str], lock: LockFile | None) -> Source:
+def _pinned(lock_id: str, filename: str, relative_paths: Sequence[str], lock: LockFile | None) -> FixedOutput:
     lock = lock if lock is not None else read_lock()
     entry = lock.get(lock_id)
     urls = _candidate_urls(relative_paths, entry.url if entry else "")
-    return lock.apply(Source(filename=filename, urls=urls, sha256="", blake3="", size=-1, label=lock_id), lock_id)
+    return lock.apply(FixedOutput(filename=filename, urls=urls, sha256="", blake3="", size=-1, label=lock_id), lock_id)
 
 
 def _release_dir(rel: Release) -> str:
@@ -207,17 +207,17 @@ def kernel_devel_paths(rel: Release) -> list[str]:
     return [f"{_release_dir(rel)}/{repo}/{rel.arch}/Packages/{rel.kernel_devel_filename}" for repo in ("OS", "update")]
 
 
-def qcow2_xz_source(rel: Release, lock: LockFile | None = None) -> Source:
+def qcow2_xz_source(rel: Release, lock: LockFile | None = None) -> FixedOutput:
     """The compressed upstream VM image (task `fetch:<ver>:<arch>:qcow2`)."""
     return _pinned(f"{rel.label}:qcow2", rel.qcow2_xz_filename, qcow2_xz_paths(rel), lock)
 
 
-def iso_source(rel: Release, lock: LockFile | None = None) -> Source:
+def iso_source(rel: Release, lock: LockFile | None = None) -> FixedOutput:
     """The DVD ISO (task `fetch:<ver>:<arch>:iso`)."""
     return _pinned(f"{rel.label}:iso", rel.iso_filename, iso_paths(rel), lock)
 
 
-def kernel_devel_source(rel: Release, lock: LockFile | None = None) -> Source:
+def kernel_devel_source(rel: Release, lock: LockFile | None = None) -> FixedOutput:
     """The kernel-devel RPM for the image's expected kernel (task `fetch:<ver>:<arch>:kernel-devel`)."""
     return _pinned(f"{rel.label}:kernel-devel", rel.kernel_devel_filename, kernel_devel_paths(rel), lock)
 
@@ -226,7 +226,7 @@ ENA_LOCK_ID = f"amzn-drivers:{ENA_TAG}"
 ENA_FILENAME = f"amzn-drivers-{ENA_TAG}.tar.gz"
 
 
-def ena_source(lock: LockFile | None = None) -> Source:
+def ena_source(lock: LockFile | None = None) -> FixedOutput:
     """The amzn-drivers source tarball at ENA_TAG (task `fetch:amzn-drivers:<tag>`).
 
     GitHub publishes no checksum for tag archives, so the pin is what `eulerbake lock` downloaded:
@@ -236,7 +236,7 @@ def ena_source(lock: LockFile | None = None) -> Source:
     entry = lock.get(ENA_LOCK_ID)
     local_copies = [f"{root}/amzn-drivers/{ENA_FILENAME}" for root in mirrors() if root.startswith("file:")]
     urls = tuple(dict.fromkeys([*local_copies, ENA_URL, *([entry.url] if entry else [])]))
-    source = Source(filename=ENA_FILENAME, urls=urls, sha256="", blake3="", size=-1, label=ENA_LOCK_ID)
+    source = FixedOutput(filename=ENA_FILENAME, urls=urls, sha256="", blake3="", size=-1, label=ENA_LOCK_ID)
     return lock.apply(source, ENA_LOCK_ID)
 
 

@@ -14,13 +14,13 @@ import shutil
 import stat
 from pathlib import Path
 
-import eulerbake.disk
-import eulerbake.ext4
-import eulerbake.vfat
-from eulerbake import disk, ext4, vfat
-from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import require_tool, run
+import eulerbake.fs.disk
+import eulerbake.fs.ext4
+import eulerbake.fs.vfat
+from eulerbake.fs import disk, ext4, vfat
+from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.run import require_tool, run
 
 LIBRARY_CODE = tuple(Path(str(module.__file__)) for module in (eulerbake.disk, eulerbake.ext4, eulerbake.vfat))
 SKELETON = Path(__file__).resolve().parent / "sample-root"

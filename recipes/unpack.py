@@ -13,9 +13,9 @@ import shutil
 import zlib
 from pathlib import Path
 
-from eulerbake.derivation import BuildContext, Derivation, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import run
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.run import run
 
 # suffix -> (format, suffix of the decompressed file)
 FORMATS = {".xz": ("xz", ""), ".gz": ("gz", ""), ".tgz": ("gz", ".tar"), ".txz": ("xz", ".tar")}
@@ -56,13 +56,13 @@ def build_unpack(ctx: BuildContext) -> None:
 
 
 def unpack(
-    label: str, archive: Source | Derivation, archive_name: str = "", output: str = "", doc: str = ""
+    label: str, archive: FixedOutput | Derivation, archive_name: str = "", output: str = "", doc: str = ""
 ) -> Derivation:
-    """A derivation decompressing `archive` (a Source, or a derivation whose output holds `archive_name`).
+    """A derivation decompressing `archive` (a FixedOutput, or a derivation whose output holds `archive_name`).
 
     Its task is `unpack:<label>`; the output file is `output`, by default the name without its suffix.
     """
-    name = archive.filename if isinstance(archive, Source) else archive_name
+    name = archive.filename if isinstance(archive, FixedOutput) else archive_name
     if not name:
         raise EulerbakeError(f"unpack:{label}: name the file inside {archive.task_name}",
                              hint="pass archive_name= when the archive is a derivation")

@@ -44,7 +44,7 @@ class ToyProject:
         return self._run("doit", args, check, env)
 
     def eulerbake(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
-        return self._run("eulerbake.cli", args, check, env)
+        return self._run("eulerbake.cli.main", args, check, env)
 
     def ran(self) -> list[str]:
         """Builders that ran since the last call (in order), then reset the trace."""

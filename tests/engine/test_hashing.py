@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake import hashing
+from eulerbake.core import hashing
 
 
 @pytest.fixture

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.derivation import BuildContext, Derivation, LocalFile, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import CommandError, run, run_text
-from eulerbake.store import Store
+from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools import packages
+from eulerbake.tools.run import CommandError, run, run_text
+from eulerbake.store.local import Store
 
 
 def test_missing_tool_names_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(__import__("eulerbake.run").run.TOOL_PACKAGES, "no-such-tool-xyz", "xyz-utils")
+    monkeypatch.setitem(packages.TOOLS, "no-such-tool-xyz", packages.Tool("xyz-utils"))
     with pytest.raises(EulerbakeError) as err:
         run(["no-such-tool-xyz", "--version"])
     assert "no-such-tool-xyz" in str(err.value) and "apt-get install xyz-utils" in str(err.value)
@@ -68,7 +69,7 @@ def test_missing_local_input_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_unpinned_source_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a.bin").write_text("a")
-    src = Source("a.bin", (str(tmp_path / "a.bin"),), "", "", -1, label="x")
+    src = FixedOutput("a.bin", (str(tmp_path / "a.bin"),), "", "", -1, label="x")
     store = Store(tmp_path / "store")
     with pytest.raises(EulerbakeError, match="not pinned") as err:
         store.realise(src)

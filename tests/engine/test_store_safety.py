@@ -14,7 +14,7 @@ from pathlib import Path
 
 import blake3
 
-from eulerbake.store import Store
+from eulerbake.store.local import Store
 from tests.engine.conftest import ToyProject
 
 
@@ -27,8 +27,9 @@ def _assert_store_consistent(store_root: Path) -> None:
     for path in store_root.iterdir():
         if path.name.startswith("."):
             continue
-        if path.suffix == ".json":
-            assert path.with_suffix("").is_dir(), f"metadata without output: {path}"
+        if path.suffix in (".json", ".log"):
+            assert path.with_suffix("").is_dir(), f"{path.suffix} without output: {path}"
+            assert path.with_suffix(".json").is_file(), f"{path.suffix} without metadata: {path}"
         else:
             assert Path(f"{path}.json").is_file(), f"partial entry visible in the store: {path}"
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake import hashing
-from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree, Source
-from eulerbake.run import run, run_text
-from eulerbake.store import Store
+from eulerbake.core import hashing
+from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree, FixedOutput
+from eulerbake.tools.run import run, run_text
+from eulerbake.store.local import Store
 from recipes.image import image_modules, raw_image
 from recipes.sample import sample_kernel_release, sample_qcow2
 
@@ -56,10 +56,10 @@ def overlays_for(arch: str) -> list[Derivation | LocalTree]:
     return [ENA_OVERLAY]  # no arm64 module exists on this machine
 
 
-def source_for(path: Path, label: str) -> Source:
-    """A pinned Source for a local file (what the fetch stage would hand the image stages)."""
+def source_for(path: Path, label: str) -> FixedOutput:
+    """A pinned FixedOutput for a local file (what the fetch stage would hand the image stages)."""
     b3, sha = hashing.hash_file_pair(path, use_cache=False)
-    return Source(filename=path.name, urls=(str(path),), sha256=sha, blake3=b3, size=path.stat().st_size, label=label)
+    return FixedOutput(filename=path.name, urls=(str(path),), sha256=sha, blake3=b3, size=path.stat().st_size, label=label)
 
 
 def store_listing(store: Store) -> list[str]:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from eulerbake.derivation import Derivation, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import run
-from eulerbake.store import Store
+from eulerbake.core.derivation import Derivation, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.run import run
+from eulerbake.store.local import Store
 from recipes.image import image_modules, raw_image
 from recipes.sample import sample_kernel_release, sample_qcow2
 
@@ -21,14 +21,14 @@ from .conftest import ENA_OVERLAY, Built, make_disk, module_overlay, source_for,
 DOS_TWO_PARTS = "label: dos\nunit: sectors\n\nstart=2048, size=129024, type=c\nstart=131072, type=83\n"
 
 
-def _raw(label: str, qcow2: Derivation | Source, root_size: str = "6G") -> Derivation:
+def _raw(label: str, qcow2: Derivation | FixedOutput, root_size: str = "6G") -> Derivation:
     return raw_image(label, qcow2, [], root_size=root_size, arch="x86_64")
 
 
 def _fails_cleanly(store: Store, drv: Derivation, *patterns: str) -> EulerbakeError:
     """Realise `drv` (inputs first), expect an EulerbakeError matching `patterns`, store unchanged."""
     for dep in drv.dependencies():
-        if isinstance(dep, Source):
+        if isinstance(dep, FixedOutput):
             store.realise(dep, log=lambda _: None)
     before = store_listing(store)
     with pytest.raises(EulerbakeError) as caught:

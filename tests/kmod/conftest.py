@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree
-from eulerbake.run import run
-from eulerbake.store import Realised, Store
+from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree
+from eulerbake.tools.run import run
+from eulerbake.store.local import Realised, Store
 from recipes import kmod as recipes_kmod
 from recipes.sample import sample_kernel_release
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.derivation import LocalTree
-from eulerbake.kmod import KernelTarget, check_module, read_module
-from eulerbake.run import run
-from eulerbake.store import Store
+from eulerbake.core.derivation import LocalTree
+from eulerbake.linux.gate import KernelTarget, check_module, read_module
+from eulerbake.tools.run import run
+from eulerbake.store.local import Store
 from recipes import kmod as recipes_kmod
 from tests.kmod import modedit
 from tests.kmod.conftest import HELLO_C, LINUX_SOURCE, write_hello_source

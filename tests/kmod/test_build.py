@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake import hashing
-from eulerbake.derivation import Derivation, LocalFile, LocalTree, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.kmod import read_module
-from eulerbake.run import run
-from eulerbake.store import Store
+from eulerbake.core import hashing
+from eulerbake.core.derivation import Derivation, LocalFile, LocalTree, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.linux.gate import read_module
+from eulerbake.tools.run import run
+from eulerbake.store.local import Store
 from recipes import kmod as recipes_kmod
 from tests.kmod import modedit
 from tests.kmod.conftest import (
@@ -224,7 +224,7 @@ def test_definition_errors(tmp_path: Path) -> None:
 
 
 def test_module_from_a_pinned_tarball_in_amzn_drivers_layout(kmod_builds: KmodBuilds, tmp_path: Path) -> None:
-    """A Source tarball (like amzn-drivers' tag archive): the module dir is found by its kbuild rule."""
+    """A FixedOutput tarball (like amzn-drivers' tag archive): the module dir is found by its kbuild rule."""
     tree = tmp_path / "tarball" / "hello-drivers-1.0"
     module_dir = tree / "kernel" / "linux" / "hello"
     module_dir.mkdir(parents=True)
@@ -236,7 +236,7 @@ def test_module_from_a_pinned_tarball_in_amzn_drivers_layout(kmod_builds: KmodBu
     tarball = tmp_path / "hello-drivers-1.0.tar.gz"
     run(["tar", "-czf", tarball, "-C", tree.parent, tree.name])
     b3, sha = hashing.hash_file_pair(tarball, use_cache=False)
-    source = Source(filename=tarball.name, urls=(tarball.as_uri(),), sha256=sha, blake3=b3,
+    source = FixedOutput(filename=tarball.name, urls=(tarball.as_uri(),), sha256=sha, blake3=b3,
                     size=tarball.stat().st_size, label="hello-drivers")
     node = recipes_kmod.kmod_build("tarball", source=source, headers=kmod_builds.chain["headers"], patches=[],
                                    module="hello")

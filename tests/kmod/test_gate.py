@@ -9,11 +9,11 @@ from typing import cast
 
 import pytest
 
-from eulerbake import kmod
-from eulerbake.errors import EulerbakeError
-from eulerbake.kmod import KernelTarget, check_module, read_module
-from eulerbake.kmod_cli import kmod_main
-from eulerbake.run import run
+from eulerbake.linux import gate as kmod
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.linux.gate import KernelTarget, check_module, read_module
+from eulerbake.cli.kmod import kmod_main
+from eulerbake.tools.run import run
 from tests.kmod import modedit
 from tests.kmod.conftest import HEADERS_DIR, KREL, MODULES_DIR, OTHER_KREL, SHIPPED_ENA, debian_kernel
 

@@ -10,18 +10,18 @@ from pathlib import Path
 import blake3
 import pytest
 
-from eulerbake import fetch
-from eulerbake.derivation import Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.lock import LockEntry, LockFile
-from eulerbake.store import Store
+from eulerbake.fetch import http as fetch
+from eulerbake.core.derivation import FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.fetch.lock import LockEntry, LockFile
+from eulerbake.store.local import Store
 from recipes import releases
 
 from .conftest import MirrorServer, corrupt
 
 
-def pinned_source(data: bytes, urls: list[str], filename: str = "blob.bin") -> Source:
-    return Source(filename=filename, urls=tuple(urls), sha256=hashlib.sha256(data).hexdigest(),
+def pinned_source(data: bytes, urls: list[str], filename: str = "blob.bin") -> FixedOutput:
+    return FixedOutput(filename=filename, urls=tuple(urls), sha256=hashlib.sha256(data).hexdigest(),
                   blake3=blake3.blake3(data).hexdigest(), size=len(data), label=f"test:{filename}")
 
 
@@ -177,7 +177,7 @@ def test_file_mirror_needs_no_network(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_unpinned_source_is_refused(tmp_path: Path, mirror: MirrorServer) -> None:
     url = mirror.add("pub/blob.bin", b"x")
-    source = Source(filename="blob.bin", urls=(url,), sha256="", blake3="", size=-1, label="test:blob")
+    source = FixedOutput(filename="blob.bin", urls=(url,), sha256="", blake3="", size=-1, label="test:blob")
     store = Store(tmp_path / "store")
 
     with pytest.raises(EulerbakeError, match="not pinned") as caught:

@@ -11,10 +11,10 @@ from pathlib import Path
 import blake3
 import pytest
 
-from eulerbake import fetch
-from eulerbake.errors import EulerbakeError
-from eulerbake.lock import LockFile, lock_main
-from eulerbake.store import Store
+from eulerbake.fetch import http as fetch
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.fetch.lock import LockFile, lock_main
+from eulerbake.store.local import Store
 from recipes import releases
 
 from .conftest import MirrorServer

@@ -7,9 +7,9 @@ import urllib.parse
 
 import pytest
 
-from eulerbake.derivation import NAME_RE, Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.lock import LockEntry, LockFile
+from eulerbake.core.derivation import NAME_RE, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.fetch.lock import LockEntry, LockFile
 from recipes import releases
 
 REQUIRED = ["20.03-LTS-SP1", "20.03-LTS-SP2", "20.03-LTS-SP3", "20.03-LTS-SP4", "22.03-LTS", "22.03-LTS-SP1",
@@ -120,7 +120,7 @@ def test_pins_and_the_location_that_served_them_come_from_the_lock() -> None:
     served = f"https://old-mirror.example.org/{releases.kernel_devel_paths(rel)[1]}"
     entry = LockEntry(served, rel.kernel_devel_filename, 1234, "a" * 64, "b" * 64)
     source = releases.kernel_devel_source(rel, LockFile(releases.LOCK_PATH, {f"{rel.label}:kernel-devel": entry}))
-    assert isinstance(source, Source) and source.pinned
+    assert isinstance(source, FixedOutput) and source.pinned
     assert (source.size, source.sha256, source.blake3) == (1234, "a" * 64, "b" * 64)
     assert "/update/" in source.urls[0] and "/OS/" in source.urls[1]  # the path that served goes first
     assert source.urls[-1] == served  # and the exact URL stays as a last resort

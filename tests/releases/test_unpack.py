@@ -11,17 +11,17 @@ from pathlib import Path
 import blake3
 import pytest
 
-from eulerbake.derivation import Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.lock import LockEntry, LockFile
-from eulerbake.store import Store
+from eulerbake.core.derivation import FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.fetch.lock import LockEntry, LockFile
+from eulerbake.store.local import Store
 from recipes import releases
 from recipes.unpack import unpack
 
 
-def local_source(path: Path, label: str) -> Source:
+def local_source(path: Path, label: str) -> FixedOutput:
     data = path.read_bytes()
-    return Source(filename=path.name, urls=(str(path),), sha256=hashlib.sha256(data).hexdigest(),
+    return FixedOutput(filename=path.name, urls=(str(path),), sha256=hashlib.sha256(data).hexdigest(),
                   blake3=blake3.blake3(data).hexdigest(), size=len(data), label=label)
 
 

@@ -4,7 +4,7 @@ graph: template ─┐
        tree ─────┴─ tarball ─ checksum ─┐
        patch file ──────────────────────┴─ combine
        other file ── independent
-       seed.bin (Source) ── seeded
+       seed.bin (FixedOutput) ── seeded
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import blake3
 import jinja2
 
-from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree, Source
+from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree, FixedOutput
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -102,10 +102,10 @@ def _trace(name: str) -> None:
             f.write(name + "\n")
 
 
-def _seed_source() -> Source:
+def _seed_source() -> FixedOutput:
     pins = HERE / "seed.pins"
     sha256, b3, size = pins.read_text().split() if pins.exists() else ("", "", "-1")
-    return Source("seed.bin", (str(HERE / "seed.bin"),), sha256, b3, int(size), label="toy:seed")
+    return FixedOutput("seed.bin", (str(HERE / "seed.bin"),), sha256, b3, int(size), label="toy:seed")
 
 
 def targets() -> list[Derivation]:

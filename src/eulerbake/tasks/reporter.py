@@ -11,16 +11,8 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
-from eulerbake.doit_glue import store_path
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
+from eulerbake.store.local import Store
+from eulerbake.tools.units import human_size
 
 
 class RichReporter:
@@ -48,7 +40,7 @@ class RichReporter:
 
     @staticmethod
     def _store_path(task: Any) -> str:
-        return str(store_path(task.meta["node"], task.meta["store_root"]))
+        return str(Store(Path(task.meta["store_root"])).path(task.meta["node"]))
 
     def initialize(self, tasks: dict[str, Any], selected_tasks: list[str]) -> None:
         self.total = sum(1 for task in tasks.values() if self._is_build_task(task))

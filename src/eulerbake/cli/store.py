@@ -1,55 +1,21 @@
-"""`eulerbake`: doit's commands over the project's derivations, plus store, kmod and lock commands."""
+"""`eulerbake store …`: paths, entries and their manifests, build logs, verify, gc, why-depends, why-rebuilt."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from doit.cmd_base import TaskLoader2
-from doit.doit_cmd import DoitMain
-from doit.loader import generate_tasks
 from rich.console import Console
 from rich.table import Table
 
-from eulerbake.errors import EulerbakeError
-from eulerbake.project import Project, find_project
-from eulerbake.reporter import human_size
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tasks.project import Project
+from eulerbake.tools.units import human_size
 
 console = Console(highlight=False, soft_wrap=True)
-
-USAGE = """\
-usage: eulerbake [doit command] [TASK…]       build (default: the sample), as `doit` would
-       eulerbake list|info|clean|forget …     doit's own commands over the project's tasks
-       eulerbake store path TASK|KEY          print an output's store path
-       eulerbake store info [TASK|KEY|PATH]   list entries, or show one entry's manifest and metadata
-       eulerbake store verify [ENTRY…]        re-hash entries; report corrupted ones (exit 1)
-       eulerbake store gc [--dry-run]         delete entries no current recipe (or store/.roots) reaches
-       eulerbake store why-depends A B        show how entry A depends on entry B
-       eulerbake store why-rebuilt TASK       diff a task's manifest against its previous store entry
-       eulerbake kmod check KO --kernel K     check a kernel module against a kernel (see --help)
-       eulerbake lock [RELEASE…]              pin upstream sources into recipes/sources.lock
-"""
-
-
-class ProjectLoader(TaskLoader2):  # type: ignore[misc]
-    """doit task loader reading the project's recipes (no dodo.py needed)."""
-
-    def __init__(self, project: Project) -> None:
-        super().__init__()
-        self.project = project
-
-    def setup(self, opt_values: dict[str, Any]) -> None:
-        pass
-
-    def load_doit_config(self) -> dict[str, Any]:
-        return self.project.doit_config()
-
-    def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Any]:
-        return list(generate_tasks("eulerbake", self.project.task_dicts(), "eulerbake derivations"))
 
 
 def _entry_for(project: Project, query: str) -> dict[str, Any]:
@@ -66,7 +32,8 @@ def _entry_for(project: Project, query: str) -> dict[str, Any]:
     return project.store.find(query)
 
 
-def _store_main(project: Project, argv: Sequence[str]) -> int:
+def store_main(project: Project, argv: Sequence[str]) -> int:
+    """`eulerbake store …`: query and maintain the store."""
     parser = argparse.ArgumentParser(prog="eulerbake store")
     sub = parser.add_subparsers(dest="command", required=True)
     p_path = sub.add_parser("path", help="print the store path of a task's output")
@@ -83,6 +50,8 @@ def _store_main(project: Project, argv: Sequence[str]) -> int:
     p_why.add_argument("target")
     p_rebuilt = sub.add_parser("why-rebuilt", help="diff a task's manifest against its previous entry")
     p_rebuilt.add_argument("task")
+    p_log = sub.add_parser("log", help="show the build log of an entry (or of a task's last failed build)")
+    p_log.add_argument("entry")
     args = parser.parse_args(list(argv))
     store = project.store
 
@@ -115,8 +84,15 @@ def _store_main(project: Project, argv: Sequence[str]) -> int:
             console.print(f"[bold red]CORRUPT[/] {meta['path']}: {problem}")
         console.print(f"{len(entries)} entries checked, {len(problems)} corrupted")
         return 1 if problems else 0
+    if args.command == "log":
+        return _show_log(project, args.entry)
     if args.command == "gc":
-        keep = {node.key for node in project.nodes}
+        keep: set[str] = set()
+        for node in project.nodes:
+            try:
+                keep.add(node.key)
+            except EulerbakeError:  # its key cannot be known here (a tool is missing): keep its task's entries
+                keep.update(meta["key"] for meta in store.entries() if meta["task"] == node.task_name)
         doomed = store.gc(keep, dry_run=args.dry_run)
         verb = "would delete" if args.dry_run else "deleted"
         for meta in doomed:
@@ -143,7 +119,11 @@ def _print_entry(meta: dict[str, Any]) -> None:
     console.print(f"[bold]{meta['task']}[/]  {meta['path']}")
     console.print(f"  key      {meta['key']}")
     console.print(f"  output   {meta['output']['hash']}  ({human_size(meta['output']['size'])})")
-    console.print(f"  builder  {meta['builder']}  built in {meta['build_seconds']}s")
+    console.print(f"  kind     {meta.get('kind', '?')}  built in {meta['build_seconds']}s")
+    if meta["manifest"].get("builder"):
+        console.print(f"  builder  {meta['manifest']['builder']}")
+    for tool, version in sorted(meta.get("tools", {}).items()):
+        console.print(f"  ran      {tool}: {version}")
     console.print("  manifest (its blake3 is the key):")
     console.print_json(json.dumps(meta["manifest"], sort_keys=True))
 
@@ -170,32 +150,31 @@ def _why_rebuilt(project: Project, task: str) -> int:
     for field in sorted(set(old) | set(current)):
         if old.get(field) != current.get(field):
             console.print(f"  {field}: [red]{old.get(field)}[/] → [green]{current.get(field)}[/]")
+            if field.startswith("inputs.") and field.endswith(".key"):
+                upstream = _task_of_input(project, node, field.split(".")[1])
+                if upstream:
+                    console.print(f"    [dim]an input was rebuilt: eulerbake store why-rebuilt {upstream}[/]")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args and args[0] in ("-h", "--help"):
-            print(USAGE)
-            return 0
-        if args and args[0] == "kmod":
-            from eulerbake.kmod_cli import kmod_main
-
-            return kmod_main(args[1:])
-        project = Project(find_project())
-        if args and args[0] == "store":
-            return _store_main(project, args[1:])
-        if args and args[0] == "lock":
-            from eulerbake.lock import lock_main
-
-            return lock_main(args[1:], project.root)
-        config = (str(project.root / "pyproject.toml"),)
-        return int(DoitMain(ProjectLoader(project), config_filenames=config).run(args))
-    except EulerbakeError as err:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {err}")
-        return 2
+def _task_of_input(project: Project, node: Any, input_name: str) -> str:
+    value = getattr(node, "inputs", {}).get(input_name)
+    return str(getattr(value, "task_name", ""))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _show_log(project: Project, query: str) -> int:
+    """Print an entry's build log; for a task with no entry, the log of its last failed build."""
+    if ":" in query and not query.startswith(("/", ".")):
+        node = project.node(query)
+        for path in (project.store.log_path(node), project.store.failed_log_path(node)):
+            if path.is_file():
+                print(path.read_text(), end="")
+                return 0
+        raise EulerbakeError(f"{query} has no build log (not built here yet)", hint=f"build it with `doit {query}`")
+    meta = project.store.find(query)
+    log = Path(meta["path"] + ".log")
+    if not log.is_file():
+        raise EulerbakeError(f"{Path(meta['path']).name} has no build log", hint="entries built before logs were kept "
+                             "have none; `doit clean` the task and build it again")
+    print(log.read_text(), end="")
+    return 0

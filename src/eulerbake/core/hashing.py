@@ -270,6 +270,11 @@ def hash_tree(path: Path, *, use_cache: bool = True) -> str:
     return _tree_hash(Path(path), use_cache)
 
 
+def single_file_tree_hash(name: str, blake3_hex: str, *, executable: bool) -> str:
+    """`hash_tree` of a directory holding one regular file, from the file's blake3 (no reading)."""
+    return hash_json([["f", name, executable, blake3_hex]])
+
+
 def hash_path(path: Path, *, use_cache: bool = True) -> str:
     """Hash a file or a tree, prefixed so that the two can never collide."""
     if path.is_dir() and not path.is_symlink():

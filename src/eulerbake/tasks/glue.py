@@ -18,10 +18,10 @@ from typing import Any
 from doit.action import TaskFailed
 from doit.dependency import FileChangedChecker
 
-from eulerbake import hashing
-from eulerbake.derivation import Derivation, walk
-from eulerbake.errors import EulerbakeError
-from eulerbake.store import Node, Store
+from eulerbake.core import hashing
+from eulerbake.core.derivation import Node, walk
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.store.local import Store
 
 
 class Blake3Checker(FileChangedChecker):  # type: ignore[misc]
@@ -44,14 +44,15 @@ class Blake3Checker(FileChangedChecker):  # type: ignore[misc]
         return (st.st_mtime, st.st_size, hashing.hash_file(Path(dep)))
 
 
-def store_path(node: Node, store_root: str) -> Path:
-    """Where `node`'s output lives (its key is computed here, on first use, not when tasks load)."""
-    return Store(Path(store_root)).path(node)
-
-
 def in_store(node: Node, store_root: str) -> bool:
-    """doit `uptodate`: the output is current exactly when its key is in the store."""
-    return Store(Path(store_root)).has(node)
+    """doit `uptodate`: the output is current exactly when its key is in the store (and, for a
+    publication, its target still has the resource). A key that cannot be computed (a tool is missing)
+    is "not up to date": the action then fails with the message."""
+    store = Store(Path(store_root))
+    try:
+        return store.has(node) and node.confirm(store.path(node))
+    except EulerbakeError:
+        return False
 
 
 def _stderr_log(message: str) -> None:
@@ -66,6 +67,9 @@ def realise_task(node: Node, store_root: str) -> dict[str, Any] | TaskFailed:
     """doit action: realise `node`; a user error fails the task with its message (no traceback)."""
     store = Store(Path(store_root))
     try:
+        if store.has(node) and not node.confirm(store.path(node)):
+            _stderr_log(f"{node.task_name}: the target no longer has the published resource; publishing again")
+            store.delete(store.read_meta(store.meta_path(node)))
         result = store.realise(node, log=_stderr_log)
     except EulerbakeError as err:
         return TaskFailed(str(err))
@@ -89,13 +93,9 @@ def task_dict(node: Node, store: Store) -> dict[str, Any]:
     hashes only their inputs.
     """
     stage, _, label = node.task_name.partition(":")
-    if isinstance(node, Derivation):
-        deps = [dep.task_name for dep in node.dependencies()]
-        files = sorted({str(path) for path in node.local_files()})
-        doc = node.doc or f"build {node.name}"
-    else:
-        deps, files = [], []
-        doc = f"fetch {node.filename} ({'pinned' if node.pinned else 'NOT pinned: run eulerbake lock'})"
+    deps = [dep.task_name for dep in node.dependencies()]
+    files = sorted({str(path) for path in node.local_files()})
+    doc = node.doc or f"build {node.store_name}"
     root = str(store.root)
     args = [node, root]
     return {
@@ -111,7 +111,7 @@ def task_dict(node: Node, store: Store) -> dict[str, Any]:
     }
 
 
-def unique_nodes(roots: list[Derivation]) -> list[Node]:
+def unique_nodes(roots: list[Node]) -> list[Node]:
     """Reachable nodes, dependencies first, one per task name; two keys under one name is an error.
 
     Keys are compared only when two distinct objects claim the same task name.
@@ -127,7 +127,7 @@ def unique_nodes(roots: list[Derivation]) -> list[Node]:
     return list(by_name.values())
 
 
-def tasks_for(roots: list[Derivation], store: Store) -> Iterator[dict[str, Any]]:
+def tasks_for(roots: list[Node], store: Store) -> Iterator[dict[str, Any]]:
     """Task dicts for every derivation and source reachable from `roots`, each once."""
     for node in unique_nodes(roots):
         yield task_dict(node, store)
@@ -135,7 +135,7 @@ def tasks_for(roots: list[Derivation], store: Store) -> Iterator[dict[str, Any]]
 
 def doit_config(store: Store, default_tasks: list[str]) -> dict[str, Any]:
     """DOIT_CONFIG for a project: sqlite3 dep file in the store, blake3 checker, rich reporter."""
-    from eulerbake.reporter import RichReporter
+    from eulerbake.tasks.reporter import RichReporter
 
     store.open_stat_cache()
     return {

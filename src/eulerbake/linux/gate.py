@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from eulerbake.errors import EulerbakeError
+from eulerbake.core.errors import EulerbakeError
 
 # arch name (uname -m style) → (ELF e_machine, ELF class, little endian, kbuild SRCARCH)
 ARCHES: dict[str, tuple[str, int, bool, str]] = {

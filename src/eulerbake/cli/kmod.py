@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from eulerbake.errors import EulerbakeError
-from eulerbake.kmod import Verdict, check_module, load_target
-from eulerbake.run import CommandError, run, run_text
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.linux.gate import Verdict, check_module, load_target
+from eulerbake.tools.run import CommandError, run, run_text
 
 QCOW2_MAGIC = b"QFI\xfb"
 EXT_MAGIC_OFFSET = 1080  # superblock at 1024 + s_magic at 56

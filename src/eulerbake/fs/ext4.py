@@ -20,9 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eulerbake.disk import deallocate_zeroes
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import run
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.fs.disk import deallocate_zeroes
+from eulerbake.tools.run import run
 
 SUPERBLOCK_OFFSET = 1024
 EXT_MAGIC = b"\x53\xef"  # s_magic 0xEF53, little-endian, at byte 0x38 of the superblock

@@ -10,15 +10,16 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from eulerbake.derivation import Derivation
-from eulerbake.doit_glue import doit_config, task_dict, unique_nodes
-from eulerbake.errors import EulerbakeError
-from eulerbake.store import Node, Store, default_store_root
+from eulerbake.core.derivation import Node
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.store.local import Store, default_store_root
+from eulerbake.tasks.glue import doit_config, task_dict, unique_nodes
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -34,6 +35,20 @@ def find_project(start: Path | None = None) -> Path:
         f"no eulerbake project found at or above {here}",
         hint="run from the repository root (the directory holding recipes/ and dodo.py) or set EULERBAKE_PROJECT",
     )
+
+
+@contextmanager
+def graph_errors() -> Iterator[None]:
+    """A user error while the graph loads (bad lock file, bad recipe parameter) is one message and exit 2.
+
+    doit would print a traceback for any exception raised while it loads tasks; SystemExit passes through.
+    """
+    try:
+        yield
+    except EulerbakeError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
 
 
 class Project:
@@ -53,12 +68,12 @@ class Project:
         return module
 
     @cached_property
-    def targets(self) -> list[Derivation]:
+    def targets(self) -> list[Node]:
         self.store.open_stat_cache()
         return list(self.recipes.targets())
 
     @cached_property
-    def default_targets(self) -> list[Derivation]:
+    def default_targets(self) -> list[Node]:
         self.store.open_stat_cache()
         return list(self.recipes.default_targets())
 
@@ -73,14 +88,19 @@ class Project:
         raise EulerbakeError(f"no task named {task_name!r}", hint="see `doit list --all` for the task names")
 
     def doit_config(self) -> dict[str, Any]:
-        return doit_config(self.store, [node.task_name for node in self.default_targets])
+        with graph_errors():
+            return doit_config(self.store, [node.task_name for node in self.default_targets])
 
     def task_dicts(self) -> Iterator[dict[str, Any]]:
-        """Group tasks (one per stage) first, then one task per derivation or source."""
+        """Group tasks (one per stage) first, then one task per node."""
+        with graph_errors():
+            yield from self._task_dicts()
+
+    def _task_dicts(self) -> Iterator[dict[str, Any]]:
         dicts = [task_dict(node, self.store) for node in self.nodes]
         stage_docs: dict[str, str] = {}
         for node, entry in zip(self.nodes, dicts, strict=True):
-            if not isinstance(node, Derivation):
+            if node.kind == "fixed-output":
                 doc = "fetch pinned sources (size, sha256 and blake3 verified)"
             else:
                 doc = node.doc or entry["doc"]

@@ -6,33 +6,28 @@ each source that is not pinned yet (or every one with `--update`), checks the ch
 publishes beside it when there is one, records the pins and commits the downloaded file to the store,
 so the build that follows never downloads it again.
 
-The project says what can be pinned through one hook, `recipes/releases.py:pin_requests(releases,
-arches) -> list[PinRequest]`.
+The project says what can be pinned, and where its lock file is, through its recipes package
+(`pin_requests(releases, arches) -> list[PinRequest]` and `LOCK_PATH`; see `eulerbake.cli.lock`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import json
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eulerbake.derivation import Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.store import Store, default_store_root
+from eulerbake.core.derivation import FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.store.local import Store
 
 if TYPE_CHECKING:  # fetch (http, ssl) and rich load only when pinning: recipes read the lock on every run
-    from eulerbake import fetch
+    from eulerbake.fetch import http as fetch
 
 LOCK_FORMAT = 1
-LOCK_RELATIVE_PATH = Path("recipes") / "sources.lock"
-PIN_REQUESTS_HOOK = ("recipes.releases", "pin_requests")
 
 Log = Callable[[str], None]
 
@@ -123,7 +118,7 @@ class LockFile:
         tmp.write_text(self.render())
         os.replace(tmp, self.path)
 
-    def apply(self, source: Source, lock_id: str) -> Source:
+    def apply(self, source: FixedOutput, lock_id: str) -> FixedOutput:
         """`source` with the pins recorded for `lock_id`; unchanged (unpinned) when there are none."""
         entry = self.entries.get(lock_id)
         if entry is None:
@@ -141,14 +136,14 @@ class PinRequest:
     """One source the project wants pinned: its candidate locations and upstream's checksum convention."""
 
     lock_id: str
-    source: Source  # filename, candidate URLs in preference order, label; its pins are ignored
+    source: FixedOutput  # filename, candidate URLs in preference order, label; its pins are ignored
     checksum_suffix: str = ""  # e.g. ".sha256sum" when upstream publishes `<url><suffix>` beside the file
 
 
 def check_upstream_checksum(request: PinRequest, fetched: fetch.Fetched, log: Log = print,
                             policy: fetch.RetryPolicy | None = None) -> str:
     """Compare the download with upstream's checksum file; return that file's URL ("" if none is offered)."""
-    from eulerbake import fetch
+    from eulerbake.fetch import http as fetch
 
     if not request.checksum_suffix:
         return ""
@@ -176,7 +171,7 @@ def check_upstream_checksum(request: PinRequest, fetched: fetch.Fetched, log: Lo
 def pin_source(request: PinRequest, store: Store, log: Log = print,
                policy: fetch.RetryPolicy | None = None) -> LockEntry:
     """Download `request`'s source once, check it against upstream, commit it to the store, return its pins."""
-    from eulerbake import fetch
+    from eulerbake.fetch import http as fetch
 
     source = dataclasses.replace(request.source, sha256="", blake3="", size=-1)
     store.open_stat_cache()
@@ -193,81 +188,3 @@ def pin_source(request: PinRequest, store: Store, log: Log = print,
         store.import_file(pinned, partial)
         fetch.discard_partial(partial)
     return entry
-
-
-def _load_pin_requests(project: Path) -> Callable[[Sequence[str] | None, Sequence[str] | None], list[PinRequest]]:
-    module_name, function_name = PIN_REQUESTS_HOOK
-    if str(project) not in sys.path:
-        sys.path.insert(0, str(project))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise EulerbakeError(
-            f"cannot import {module_name} from {project}: {exc}",
-            hint="run `eulerbake lock` from the project root (the directory holding recipes/)",
-        ) from exc
-    hook = getattr(module, function_name, None)
-    if not callable(hook):
-        raise EulerbakeError(f"{module_name} has no {function_name}(releases, arches) function",
-                             hint="define it to list the sources `eulerbake lock` pins")
-    return hook
-
-
-def _short(digest: str) -> str:
-    return digest[:16] + "…" if digest else ""
-
-
-def lock_main(argv: list[str], project: Path) -> int:
-    """`eulerbake lock [RELEASE…] [--arch A] [--update]`: pin upstream sources into recipes/sources.lock."""
-    from rich.console import Console
-    from rich.table import Table
-
-    parser = argparse.ArgumentParser(
-        prog="eulerbake lock",
-        description="Download what is not pinned yet, check upstream's .sha256sum, record url/size/sha256/blake3 "
-        "in recipes/sources.lock and put the file in the store. Without RELEASE: every release, plus the sources "
-        "that belong to no release (the ENA driver).",
-    )
-    parser.add_argument("releases", nargs="*", metavar="RELEASE", help="e.g. 22.03-LTS-SP4 (default: all)")
-    parser.add_argument("--arch", action="append", dest="arches", metavar="ARCH", help="x86_64 or aarch64 (repeatable)")
-    parser.add_argument("--update", action="store_true", help="re-pin sources that are already pinned")
-    args = parser.parse_args(argv)
-
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
-    requests = _load_pin_requests(project)(args.releases or None, args.arches or None)
-    lockfile = LockFile.read(project / LOCK_RELATIVE_PATH)
-    store = Store(default_store_root(project))
-
-    table = Table(title=f"pins in {LOCK_RELATIVE_PATH}", show_edge=False)
-    for column in ("source", "status", "size", "sha256"):
-        table.add_column(column)
-    failures: list[str] = []
-    for request in requests:
-        old = lockfile.get(request.lock_id)
-        if old is not None and not args.update:
-            table.add_row(request.lock_id, "pinned", str(old.size), _short(old.sha256))
-            continue
-        console.print(f"[bold]pinning[/] {request.lock_id}")
-        try:
-            entry = pin_source(request, store, log=lambda message: console.print(f"  {message}"))
-        except EulerbakeError as err:
-            console.print(f"  [red]failed:[/] {err.message}")
-            failures.append(f"{request.lock_id}: {err.message}")
-            table.add_row(request.lock_id, "[red]failed[/]", "", "")
-            continue
-        if old is None:
-            status = "[green]new[/]"
-        elif old.same_pins(entry):
-            status, entry = "unchanged", old  # keep the reviewed entry (and its URL) as it is
-        else:
-            status = f"[yellow]CHANGED[/] (was {_short(old.sha256)})"
-        lockfile.entries[request.lock_id] = entry
-        lockfile.write()  # after every pin, so an interrupted run keeps what it did
-        table.add_row(request.lock_id, status, str(entry.size), _short(entry.sha256))
-    Console(highlight=False).print(table)
-    if failures:
-        raise EulerbakeError(
-            f"{len(failures)} of {len(requests)} sources could not be pinned:\n  " + "\n  ".join(failures),
-            hint="fix the cause above and run `eulerbake lock` again; what was pinned is already recorded",
-        )
-    return 0

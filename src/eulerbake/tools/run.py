@@ -12,52 +12,16 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from eulerbake.errors import EulerbakeError
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.packages import package_of
 
-log = logging.getLogger("eulerbake.run")
-
-# Debian package providing each external tool the engine or the recipes call.
-TOOL_PACKAGES: dict[str, str] = {
-    "qemu-img": "qemu-utils",
-    "qemu-system-x86_64": "qemu-system-x86",
-    "qemu-system-aarch64": "qemu-system-arm",
-    "sfdisk": "fdisk",
-    "mkfs.ext4": "e2fsprogs",
-    "e2fsck": "e2fsprogs",
-    "resize2fs": "e2fsprogs",
-    "debugfs": "e2fsprogs",
-    "tune2fs": "e2fsprogs",
-    "dumpe2fs": "e2fsprogs",
-    "mkfs.vfat": "dosfstools",
-    "mcopy": "mtools",
-    "mdir": "mtools",
-    "b3sum": "b3sum",
-    "sha256sum": "coreutils",
-    "dd": "coreutils",
-    "truncate": "coreutils",
-    "gcc": "gcc",
-    "make": "make",
-    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
-    "ld": "binutils",
-    "strip": "binutils",
-    "aarch64-linux-gnu-ld": "binutils-aarch64-linux-gnu",
-    "aarch64-linux-gnu-strip": "binutils-aarch64-linux-gnu",
-    "rpmbuild": "rpm",
-    "patch": "patch",
-    "tar": "tar",
-    "xz": "xz-utils",
-    "cpio": "cpio",
-    "rpm2cpio": "rpm2cpio",
-    "depmod": "kmod",
-    "modinfo": "kmod",
-    "busybox": "busybox-static",
-    "packer": "packer",
-    "cloud-init": "cloud-init",
-    "git": "git",
-}
+log = logging.getLogger("eulerbake.tools.run")
 
 STDERR_TAIL_LINES = 25
 
@@ -84,12 +48,56 @@ def require_tool(tool: str) -> str:
     """Return the absolute path of `tool`, or fail naming the Debian package that provides it."""
     found = shutil.which(tool)
     if found is None:
-        package = TOOL_PACKAGES.get(tool, tool)
         raise EulerbakeError(
             f"required tool '{tool}' was not found on PATH",
-            hint=f"install it with: apt-get install {package}",
+            hint=f"install it with: apt-get install {package_of(tool)}",
         )
     return found
+
+
+@dataclass
+class CommandRecord:
+    """One command a build ran, for its log: argv, exit code, duration and the tail of its stderr."""
+
+    argv: list[str]
+    returncode: int
+    seconds: float
+    stderr_tail: str
+
+
+@dataclass
+class Recorder:
+    """What ran during one build: the commands, in order, and the tool names they started."""
+
+    commands: list[CommandRecord] = field(default_factory=list)
+
+    @property
+    def tools(self) -> set[str]:
+        return {os.path.basename(record.argv[0]) for record in self.commands}
+
+
+_recorder: Recorder | None = None
+
+
+@contextmanager
+def recording() -> Iterator[Recorder]:
+    """Record every command `run` starts inside the block (the store wraps each build in one)."""
+    global _recorder
+    previous, _recorder = _recorder, Recorder()
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+def probe(binary: Path, args: Sequence[str]) -> tuple[str, str]:
+    """(stdout, stderr) of `binary args`, never raising: how `tools.versions` asks a tool its version."""
+    try:
+        proc = subprocess.run([str(binary), *args], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                              env=clean_env())
+    except (OSError, subprocess.TimeoutExpired):
+        return "", ""
+    return proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
 
 
 def tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
@@ -124,6 +132,7 @@ def run(
     argv = [os.fspath(part) for part in cmd]
     argv[0] = require_tool(argv[0]) if os.sep not in argv[0] else argv[0]
     log.debug("+ %s", shlex.join(argv))
+    started = time.monotonic()
     try:
         proc = subprocess.run(
             argv,
@@ -141,6 +150,11 @@ def run(
             f"command timed out after {timeout}s: {shlex.join(argv)}",
             hint="check the tool's input; raise the timeout if the work is legitimately long",
         ) from exc
+    if _recorder is not None:
+        stderr_text = proc.stderr.decode(errors="replace")
+        shown = [os.path.basename(argv[0]), *argv[1:]]
+        _recorder.commands.append(CommandRecord(shown, proc.returncode, round(time.monotonic() - started, 3),
+                                                tail(stderr_text, 10)))
     if check and proc.returncode != 0:
         output = proc.stderr.decode(errors="replace")
         if not output.strip() and isinstance(proc.stdout, bytes):

@@ -6,9 +6,9 @@ keeps failing after retries with exponential backoff gives way to the next one.
 
 HTTP downloads go to a partial file that survives a failed attempt: the next attempt asks only for the
 rest (`Range`, guarded by `If-Range` with the validator the server gave). The partial lives under
-`<store>/.cache/downloads/` when the destination is inside a store build directory, so it also
-survives a killed or failed run; otherwise it sits beside the destination and lives as long as the
-fetch. blake3 and sha256 are computed as the bytes arrive, so a multi-GB ISO is read once.
+`<store>/.cache/downloads/` when the store runs the fetch (it hands the builder its cache directory),
+so it also survives a killed or failed run; otherwise it sits beside the destination and lives as long
+as the fetch. blake3 and sha256 are computed as the bytes arrive, so a multi-GB ISO is read once.
 
 Nothing reaches the store unless size, sha256 and blake3 all match the pins; a resumed download that
 does not match is downloaded once more from the start before the location is declared bad.
@@ -35,10 +35,11 @@ from typing import IO, Any
 
 import blake3
 
-from eulerbake import __version__, hashing
-from eulerbake.derivation import Source
-from eulerbake.errors import EulerbakeError
-from eulerbake.reporter import human_size
+from eulerbake import __version__
+from eulerbake.core import hashing
+from eulerbake.core.derivation import BuildContext, FixedOutput
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.units import human_size
 
 Log = Callable[[str], None]
 
@@ -453,7 +454,7 @@ def parse_sha256sum(text: str, filename: str, origin: str = "checksum file") -> 
     )
 
 
-def pin_problems(source: Source, size: int, sha256: str, b3: str) -> list[str]:
+def pin_problems(source: FixedOutput, size: int, sha256: str, b3: str) -> list[str]:
     """How a file of this size and hashes differs from the source's pins (empty when it matches)."""
     wrong = []
     if size != source.size:
@@ -465,7 +466,7 @@ def pin_problems(source: Source, size: int, sha256: str, b3: str) -> list[str]:
     return wrong
 
 
-def _mismatch_error(source: Source, problems: list[tuple[str, list[str]]]) -> EulerbakeError:
+def _mismatch_error(source: FixedOutput, problems: list[tuple[str, list[str]]]) -> EulerbakeError:
     lines = [f"source {source.filename} from {origin} does not match its pins:\n  " + "\n  ".join(wrong)
              for origin, wrong in problems]
     return EulerbakeError(
@@ -474,7 +475,7 @@ def _mismatch_error(source: Source, problems: list[tuple[str, list[str]]]) -> Eu
     )
 
 
-def verify_pins(source: Source, path: Path, origin: str) -> None:
+def verify_pins(source: FixedOutput, path: Path, origin: str) -> None:
     """Fail with expected and actual hashes when `path` does not match the source's pins."""
     size = path.stat().st_size
     b3, sha = hashing.hash_file_pair(path, use_cache=False)
@@ -488,35 +489,29 @@ def downloads_dir(store_root: Path) -> Path:
     return store_root / DOWNLOADS_SUBDIR
 
 
-def store_partial(store_root: Path, source: Source) -> Path:
+def store_partial(store_root: Path, source: FixedOutput) -> Path:
     """A source's partial download in a store, `<key>-<filename>.part` (gc keeps it by that key)."""
     return downloads_dir(store_root) / f"{source.key}-{source.filename}.part"
 
 
-def _store_root_of(dest: Path) -> Path | None:
-    """The store whose build directory (`<store>/.tmp/…`) holds `dest`, if it is in one."""
-    for parent in dest.absolute().parents:
-        if parent.name == ".tmp" and (parent.parent / ".cache").is_dir():
-            return parent.parent
-    return None
+def fetch_fixed_output(source: FixedOutput, dest: Path, ctx: BuildContext) -> None:
+    """The builder of a `FixedOutput`: fetch into `dest`, the partial kept in the store's cache to resume."""
+    if ctx.cache is None:
+        partial = dest.with_name(dest.name + ".part")
+    else:
+        partial = store_partial(ctx.cache.parent, source)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    fetch_source(source, dest, ctx.log, partial)
 
 
-def partial_path_for(source: Source, dest: Path) -> Path:
-    """The resumable partial file for `source`: in the store's download cache, else beside `dest`."""
-    store_root = _store_root_of(dest)
-    if store_root is None:
-        return dest.with_name(dest.name + ".part")
-    return store_partial(store_root, source)
-
-
-def fetch_source(source: Source, dest: Path, log: Log = print) -> None:
+def fetch_source(source: FixedOutput, dest: Path, log: Log = print, partial_path: Path | None = None) -> None:
     """Fetch `source` into `dest` from the first location that works and matches the pins."""
     if not source.pinned:
         raise EulerbakeError(
             f"source {source.filename} ({source.label or 'no label'}) is not pinned",
             hint="pin it with `eulerbake lock` and review the change to recipes/sources.lock",
         )
-    partial_path = partial_path_for(source, dest)
+    partial_path = partial_path or dest.with_name(dest.name + ".part")
     policy = RetryPolicy.from_env()
     failures: list[str] = []
     mismatches: list[tuple[str, list[str]]] = []

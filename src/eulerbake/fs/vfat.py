@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import TOOL_PACKAGES, run
-
-TOOL_PACKAGES.setdefault("fsck.fat", "dosfstools")
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.run import run
 
 FAT_SIGNATURES = (b"FAT12", b"FAT16", b"FAT32")
 

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eulerbake import __version__, hashing
-from eulerbake.derivation import BuildContext, Derivation, LocalFile, LocalTree, Source
-from eulerbake.errors import EulerbakeError
+from eulerbake import __version__
+from eulerbake.core import hashing
+from eulerbake.core.derivation import BuildContext, FixedOutput, LocalFile, LocalTree, Node
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.store.buildlog import BuildLog
+from eulerbake.tools.run import recording
 
-Node = Derivation | Source
 DEFAULT_SOURCE_DATE_EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z, used when the recipe sets none
 
 
@@ -118,6 +120,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def source_date_epoch(node: Node) -> int:
+    """The build's SOURCE_DATE_EPOCH: the stage's `source_date_epoch` parameter, or a fixed default."""
+    params = getattr(node, "params", {})
+    value = params.get("source_date_epoch") if isinstance(params, dict) else getattr(params, "source_date_epoch", None)
+    return int(value) if value is not None else DEFAULT_SOURCE_DATE_EPOCH
+
+
 class Store:
     """A content-addressed store rooted at `root` (created on demand)."""
 
@@ -129,7 +138,7 @@ class Store:
     def _ensure(self) -> None:
         if self._ready:
             return
-        for sub in (".tmp", ".locks", ".cache", ".roots"):
+        for sub in (".tmp", ".locks", ".cache", ".roots", ".failed"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         hashing.use_stat_cache(self.root / ".cache" / "stat-cache.sqlite3")
         self._ready = True
@@ -149,9 +158,9 @@ class Store:
 
     def input_path(self, value: Node | LocalFile | LocalTree) -> Path:
         """The path a builder sees for an input: a derivation's output dir, a source's file."""
-        if isinstance(value, Source):
+        if isinstance(value, FixedOutput):
             return self.path(value) / value.filename
-        if isinstance(value, Derivation):
+        if isinstance(value, Node):
             return self.path(value)
         return value.path.absolute()
 
@@ -175,11 +184,10 @@ class Store:
         """Make sure `node` and everything it depends on is in the store; build what is missing."""
         self._ensure()
         seen = _seen if _seen is not None else set()
-        if isinstance(node, Derivation):
-            for dep in node.dependencies():
-                if dep.key not in seen:
-                    self.realise(dep, log, seen)
-                    seen.add(dep.key)
+        for dep in node.dependencies():
+            if dep.key not in seen:
+                self.realise(dep, log, seen)
+                seen.add(dep.key)
         if self.has(node):
             return Realised(node, self.path(node), built=False)
         with self.lock(node.key, on_wait=log):
@@ -194,50 +202,74 @@ class Store:
         for stale in (self.root / ".tmp").glob(f"{node.key}-*"):
             remove_tree(stale)
 
+    def log_path(self, node: Node) -> Path:
+        """The log of the build that made `node`'s entry: `store/<key>-<name>.log`."""
+        return self.root / f"{node.key}-{node.store_name}.log"
+
+    def failed_log_path(self, node: Node) -> Path:
+        """The log of the last failed build of `node`: `store/.failed/<key>-<name>.log` (not an entry)."""
+        return self.root / ".failed" / f"{node.key}-{node.store_name}.log"
+
     def _build(self, node: Node, log: Callable[[str], None]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"{node.key}-", dir=self.root / ".tmp"))
+        build_log = BuildLog(node)
+
+        def tee(message: str) -> None:
+            build_log.message(message)
+            log(message)
+
         try:
             out = tmp / "out"
             out.mkdir()
+            work = tmp / "work"
+            work.mkdir()
             started = time.time()
-            if isinstance(node, Source):
-                epoch = DEFAULT_SOURCE_DATE_EPOCH
-                self._fetch(node, out / node.filename, log)
-                builder_ref = "eulerbake.fetch"
-            else:
-                epoch = int(node.params.get("source_date_epoch", DEFAULT_SOURCE_DATE_EPOCH))
-                work = tmp / "work"
-                work.mkdir()
-                ctx = BuildContext(
-                    inputs={name: self.input_path(value) for name, value in node.inputs.items()},
-                    params=dict(node.params),
-                    out=out,
-                    key=node.key,
-                    work=work,
-                    log=log,
-                    source_date_epoch=epoch,
-                )
+            epoch = source_date_epoch(node)
+            ctx = BuildContext(
+                inputs={name: self.input_path(value) for name, value in getattr(node, "inputs", {}).items()},
+                params=getattr(node, "params", {}),
+                out=out,
+                key=node.key,
+                work=work,
+                log=tee,
+                source_date_epoch=epoch,
+                cache=self.root / ".cache",
+                secrets=node.secrets(),
+            )
+            with recording() as recorder:
+                build_log.recorder = recorder
                 try:
-                    node.builder(ctx)
-                except EulerbakeError:
+                    node.build(ctx)
+                except EulerbakeError as err:
+                    build_log.failure(str(err))
                     raise
                 except Exception as exc:  # a bug or unexpected failure in a builder
+                    build_log.failure(f"{type(exc).__name__}: {exc}")
                     raise EulerbakeError(
                         f"builder for {node.task_name} failed: {type(exc).__name__}: {exc}",
                         hint="see the traceback above (run with -v 2) and fix the recipe or its inputs",
                     ) from exc
-                remove_tree(work)
-                self._check_inputs_unchanged(node)
-                builder_ref = node.manifest["builder"]["ref"]
+            undeclared = sorted(recorder.tools - set(node.tools))
+            if undeclared:
+                raise EulerbakeError(
+                    f"{node.task_name} ran {', '.join(undeclared)}, which its stage does not list in `tools`; "
+                    "the output was discarded (the key would not cover those tools' versions)",
+                    hint=f"add {', '.join(repr(t) for t in undeclared)} to the tools of the `{node.stage}` stage",
+                )
+            remove_tree(work)
+            self._check_inputs_unchanged(node)
+            node.check_output(out, ctx.secrets)
             _seal(out, epoch)
-            output_hash = hashing.hash_tree(out, use_cache=False)
+            known = node.known_output_hash()
+            output_hash = known if known is not None else hashing.hash_tree(out, use_cache=False)
             meta = {
                 "key": node.key,
                 "name": node.store_name,
                 "task": node.task_name,
-                "manifest": node.manifest if isinstance(node, Derivation) else {"source": node.fingerprint()},
+                "kind": node.kind,
+                "manifest": node.manifest,
                 "output": {"hash": output_hash, "size": hashing.tree_size(out)},
-                "builder": builder_ref,
+                "tools": {tool: node.manifest.get("tools", {}).get(tool, "") for tool in sorted(recorder.tools)},
                 "built_at": int(started),
                 "build_seconds": round(time.time() - started, 3),
                 "built_by": {"engine": __version__, "host": socket.gethostname()},
@@ -247,29 +279,34 @@ class Store:
                 json.dump(meta, f, indent=2, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
+            build_log.write(tmp / "build.log", ok=True)
             os.rename(out, self.path(node))
-            os.rename(meta_tmp, self.meta_path(node))
+            os.rename(meta_tmp, self.meta_path(node))  # the commit point
+            os.rename(tmp / "build.log", self.log_path(node))  # after it: never a log without its entry
+            self.failed_log_path(node).unlink(missing_ok=True)
             _fsync_dir(self.root)
+        except BaseException:
+            try:
+                build_log.write(tmp / "build.log", ok=False)
+                os.replace(tmp / "build.log", self.failed_log_path(node))
+            except OSError:
+                pass
+            raise
         finally:
             remove_tree(tmp)
 
     @staticmethod
-    def _check_inputs_unchanged(node: Derivation) -> None:
+    def _check_inputs_unchanged(node: Node) -> None:
         """Refuse to commit when a local input changed while the builder ran (the key would lie)."""
-        recorded = node.manifest["inputs"]
-        for name, value in node.inputs.items():
+        recorded = node.manifest.get("inputs", {})
+        for name, value in getattr(node, "inputs", {}).items():
             if isinstance(value, (LocalFile, LocalTree)) and value.fingerprint() != recorded[name]:
                 raise EulerbakeError(
                     f"input {value.path} changed while {node.task_name} was building; the output was discarded",
                     hint="run the build again once the file is no longer being edited",
                 )
 
-    def _fetch(self, source: Source, dest: Path, log: Callable[[str], None]) -> None:
-        from eulerbake import fetch  # imported lazily: most runs fetch nothing
-
-        fetch.fetch_source(source, dest, log)
-
-    def import_file(self, source: Source, path: Path) -> Path:
+    def import_file(self, source: FixedOutput, path: Path) -> Path:
         """Commit a file already on disk (e.g. just pinned by `eulerbake lock`) as `source`'s entry.
 
         The same path as a fetch: pins verified, sealed, metadata written; the file is copied.
@@ -321,10 +358,9 @@ class Store:
                 problems.append((meta, f"unreadable: {exc}"))
                 continue
             recorded = meta["output"]["hash"]
-            is_source = "source" in meta["manifest"]
             if actual != recorded:
                 problems.append((meta, f"content hash {actual[:16]}… does not match recorded {recorded[:16]}…"))
-            elif not is_source and hashing.hash_json(meta["manifest"])[: len(meta["key"])] != meta["key"]:
+            elif hashing.hash_json(meta["manifest"])[: len(meta["key"])] != meta["key"]:
                 problems.append((meta, "metadata manifest does not hash to the entry's key"))
         return problems
 
@@ -333,6 +369,7 @@ class Store:
         with self.lock(meta["key"]):
             Path(str(path) + ".json").unlink(missing_ok=True)
             remove_tree(path)
+            Path(str(path) + ".log").unlink(missing_ok=True)
 
     def gc(self, keep_keys: set[str], dry_run: bool = False) -> list[dict[str, Any]]:
         """Remove entries whose key is not in `keep_keys` (plus the inputs those need) and temp dirs."""

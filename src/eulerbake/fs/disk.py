@@ -17,11 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from eulerbake import hashing
-from eulerbake.errors import EulerbakeError
-from eulerbake.run import TOOL_PACKAGES, run, run_text
-
-TOOL_PACKAGES.setdefault("fallocate", "util-linux")
+from eulerbake.core import hashing
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.tools.run import run, run_text
 
 SECTOR = 512
 MIB = 1024 * 1024

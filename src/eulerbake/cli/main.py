@@ -1,0 +1,87 @@
+"""`eulerbake`: doit's commands over the project's nodes, plus store, kmod, lock and unpublish commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from doit.cmd_base import TaskLoader2
+from doit.doit_cmd import DoitMain
+from doit.loader import generate_tasks
+from rich.console import Console
+
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.core.publication import OFFLINE_ENV
+from eulerbake.tasks.project import Project, find_project
+
+USAGE = """\
+usage: eulerbake [--offline] [doit command] [TASK…]  build (default: the sample), as `doit` would;
+                                              --offline trusts publication receipts without asking the target
+       eulerbake list|info|clean|forget …     doit's own commands over the project's tasks
+       eulerbake store path TASK|KEY          print an output's store path
+       eulerbake store info [TASK|KEY|PATH]   list entries, or show one entry's manifest and metadata
+       eulerbake store verify [ENTRY…]        re-hash entries; report corrupted ones (exit 1)
+       eulerbake store gc [--dry-run]         delete entries no current recipe (or store/.roots) reaches
+       eulerbake store why-depends A B        show how entry A depends on entry B
+       eulerbake store why-rebuilt TASK       name the manifest fields that changed since the previous entry
+       eulerbake store log TASK|KEY           the build log: commands run, tool versions, stderr tails
+       eulerbake unpublish TASK               remove a publication's remote resource, then forget its receipt
+       eulerbake kmod check KO --kernel K     check a kernel module against a kernel (see --help)
+       eulerbake lock [RELEASE…]              pin upstream sources into the lock file
+"""
+
+
+class ProjectLoader(TaskLoader2):  # type: ignore[misc]
+    """doit task loader reading the project's recipes (no dodo.py needed)."""
+
+    def __init__(self, project: Project) -> None:
+        super().__init__()
+        self.project = project
+
+    def setup(self, opt_values: dict[str, Any]) -> None:
+        pass
+
+    def load_doit_config(self) -> dict[str, Any]:
+        return self.project.doit_config()
+
+    def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Any]:
+        return list(generate_tasks("eulerbake", self.project.task_dicts(), "eulerbake derivations"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--offline" in args[:1]:
+        args = args[1:]
+        os.environ[OFFLINE_ENV] = "1"
+    try:
+        if args and args[0] in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        if args and args[0] == "kmod":
+            from eulerbake.cli.kmod import kmod_main
+
+            return kmod_main(args[1:])
+        project = Project(find_project())
+        if args and args[0] == "store":
+            from eulerbake.cli.store import store_main
+
+            return store_main(project, args[1:])
+        if args and args[0] == "lock":
+            from eulerbake.cli.lock import lock_main
+
+            return lock_main(args[1:], project)
+        if args and args[0] == "unpublish":
+            from eulerbake.cli.publish import unpublish_main
+
+            return unpublish_main(project, args[1:])
+        config = (str(project.root / "pyproject.toml"),)
+        return int(DoitMain(ProjectLoader(project), config_filenames=config).run(args))
+    except EulerbakeError as err:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

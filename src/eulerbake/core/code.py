@@ -1,0 +1,96 @@
+"""Which source files a builder's output depends on: its module and the project modules it imports.
+
+A key covers the builder's own module and, transitively, every module of the same project (the
+engine, `eulerbake.*`, and the builder's own top-level package, e.g. `recipes.*`) that it imports, found
+by reading the import statements, never listed by hand. So a change in the sample wiring does not
+rebuild a release stage that never imports it, and a change in `tools/run.py` (say, the clean
+environment) rebuilds every stage whose code reaches it. Imports inside functions count too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from functools import cache
+from pathlib import Path
+
+from eulerbake.core import hashing
+from eulerbake.core.errors import EulerbakeError
+
+# Failure messages never reach an output (a failed build commits nothing): not part of any key.
+NEUTRAL_MODULES = frozenset({"eulerbake.core.errors"})
+_IMPORT_RE = re.compile(r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import[ \t]+\(?([^)\n#]*)|import[ \t]+([\w., \t]+))", re.M)
+
+
+@cache
+def module_file(name: str) -> Path | None:
+    """The source file of module `name`, or None when it is not a module with a .py source."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _is_module(name: str) -> bool:
+    parent, _, leaf = name.rpartition(".")
+    parent_file = module_file(parent) if parent else None
+    if parent_file is not None and parent_file.name == "__init__.py":
+        folder = parent_file.parent
+        return (folder / f"{leaf}.py").is_file() or (folder / leaf / "__init__.py").is_file()
+    return module_file(name) is not None
+
+
+def imported_modules(source: str, roots: frozenset[str], package: str) -> set[str]:
+    """Modules under `roots` that `source` (of a module in `package`) imports, anywhere in the file."""
+    found: set[str] = set()
+    for match in _IMPORT_RE.finditer(source):
+        base, names, plain = match.groups()
+        if plain is not None:
+            candidates = [part.split()[0] for part in plain.split(",") if part.strip()]
+        else:
+            if base.startswith("."):  # relative import
+                dots = len(base) - len(base.lstrip("."))
+                anchor = package.rsplit(".", dots - 1)[0] if dots > 1 else package
+                base = f"{anchor}.{base.lstrip('.')}".rstrip(".")
+            candidates = [base]
+            for name in (names or "").split(","):
+                leaf = name.strip().split(" ")[0]
+                if leaf and leaf != "*" and _is_module(f"{base}.{leaf}"):
+                    candidates.append(f"{base}.{leaf}")
+            if len(candidates) > 1 and module_file(base) and module_file(base).name == "__init__.py":  # type: ignore[union-attr]
+                candidates.remove(base)  # `from pkg import mod`: the module, not the package's __init__
+        found.update(c for c in candidates if c.split(".")[0] in roots)
+    return found
+
+
+@cache
+def _closure(module: str, roots: frozenset[str]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    stack = [module]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        path = module_file(name)
+        if path is None:
+            continue
+        seen.add(name)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        stack.extend(imported_modules(path.read_text(), roots, package) - seen)
+    return tuple(sorted(seen - NEUTRAL_MODULES))
+
+
+def code_identity(module: str) -> dict[str, str]:
+    """{module name: blake3 of its source} for `module` and the project modules it imports, transitively."""
+    roots = frozenset({"eulerbake", module.split(".")[0]})
+    if module_file(module) is None:
+        raise EulerbakeError(f"cannot find the source of module {module}", hint="builders must live in .py modules")
+    result = {}
+    for name in _closure(module, roots):
+        path = module_file(name)
+        assert path is not None
+        result[name] = hashing.hash_file(path)
+    return result
