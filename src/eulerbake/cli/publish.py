@@ -17,7 +17,7 @@ from eulerbake.tasks.project import Project
 
 def unpublish_main(project: Project, argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="eulerbake unpublish",
-                                     description="Delete the remote resource of each publication task, then its receipt.")
+                                     description="Delete each publication's remote resource, then its receipt.")
     parser.add_argument("tasks", nargs="+", metavar="TASK")
     args = parser.parse_args(list(argv))
     console = Console(highlight=False, soft_wrap=True)

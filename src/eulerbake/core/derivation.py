@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from eulerbake.core import hashing
 from eulerbake.core.code import code_identity
@@ -194,7 +194,31 @@ class FixedOutput(Node):
         return hashing.single_file_tree_hash(self.filename, self.blake3, executable=False)
 
 
-Input = Node | LocalFile | LocalTree
+class LocalInput(Protocol):
+    """An input from the build machine: content-hashed for the key, its files watched by doit (`file_dep`).
+
+    `LocalFile` and `LocalTree` are the common ones; a recipe may bring its own (say, a tree vouched for by
+    a package database), whose `fingerprint()` is computed only when a key is needed.
+    """
+
+    @property
+    def path(self) -> Path: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def files(self) -> list[Path]: ...
+
+
+Input = Node | LocalInput
+
+
+def local_input_files(inputs: Mapping[str, Input]) -> list[Path]:
+    """The files of every local input (doit `file_dep`)."""
+    files: list[Path] = []
+    for value in inputs.values():
+        if not isinstance(value, Node):
+            files.extend(value.files())
+    return files
 
 
 def builder_ref(builder: Builder) -> tuple[str, str]:
@@ -266,11 +290,7 @@ class Derivation(Node):
         return [value for value in self.inputs.values() if isinstance(value, Node)]
 
     def local_files(self) -> list[Path]:
-        files: list[Path] = []
-        for value in self.inputs.values():
-            if isinstance(value, (LocalFile, LocalTree)):
-                files.extend(value.files())
-        return files
+        return local_input_files(self.inputs)
 
     def build(self, ctx: BuildContext) -> None:
         self.builder(ctx)

@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from eulerbake.core.derivation import ENGINE_ABI, NAME_RE, BuildContext, Input, Node, input_manifest
+from eulerbake.core.derivation import ENGINE_ABI, NAME_RE, BuildContext, Input, Node, input_manifest, local_input_files
 from eulerbake.core.errors import EulerbakeError
 
 RECEIPT = "receipt.json"
@@ -88,6 +88,9 @@ class Publication(Node):
 
     def dependencies(self) -> list[Node]:
         return [value for value in self.inputs.values() if isinstance(value, Node)]
+
+    def local_files(self) -> list[Path]:
+        return local_input_files(self.inputs)
 
     def secrets(self) -> Mapping[str, str]:
         return self.publisher.secrets(self.target)

@@ -27,7 +27,7 @@ from typing import Any
 
 from eulerbake import __version__
 from eulerbake.core import hashing
-from eulerbake.core.derivation import BuildContext, FixedOutput, LocalFile, LocalTree, Node
+from eulerbake.core.derivation import BuildContext, FixedOutput, Input, Node
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store.buildlog import BuildLog
 from eulerbake.tools.run import recording
@@ -156,7 +156,7 @@ class Store:
     def has(self, node: Node) -> bool:
         return self.meta_path(node).is_file() and self.path(node).is_dir()
 
-    def input_path(self, value: Node | LocalFile | LocalTree) -> Path:
+    def input_path(self, value: Input) -> Path:
         """The path a builder sees for an input: a derivation's output dir, a source's file."""
         if isinstance(value, FixedOutput):
             return self.path(value) / value.filename
@@ -300,7 +300,7 @@ class Store:
         """Refuse to commit when a local input changed while the builder ran (the key would lie)."""
         recorded = node.manifest.get("inputs", {})
         for name, value in getattr(node, "inputs", {}).items():
-            if isinstance(value, (LocalFile, LocalTree)) and value.fingerprint() != recorded[name]:
+            if not isinstance(value, Node) and value.fingerprint() != recorded[name]:
                 raise EulerbakeError(
                     f"input {value.path} changed while {node.task_name} was building; the output was discarded",
                     hint="run the build again once the file is no longer being edited",
