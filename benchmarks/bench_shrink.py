@@ -30,10 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eulerbake import hashing  # noqa: E402
-from eulerbake.core.derivation import BuildContext, Derivation, LocalTree, FixedOutput  # noqa: E402
-from eulerbake.tools.run import run  # noqa: E402
+from eulerbake.core import hashing  # noqa: E402
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalTree  # noqa: E402
 from eulerbake.store.local import DEFAULT_SOURCE_DATE_EPOCH, Store, remove_tree  # noqa: E402
+from eulerbake.tools.run import run  # noqa: E402
 from recipes.image import build_raw, raw_image  # noqa: E402
 
 GIB = 1024**3

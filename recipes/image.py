@@ -23,12 +23,12 @@ from typing import Any
 import eulerbake.fs.disk
 import eulerbake.fs.ext4
 import eulerbake.fs.vfat
-from eulerbake.fs import disk, ext4, vfat
-from eulerbake.core.derivation import BuildContext, Derivation, LocalTree, FixedOutput
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalTree
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.fs import disk, ext4, vfat
 from eulerbake.tools.run import require_tool, run
 
-LIBRARY_CODE = tuple(Path(str(module.__file__)) for module in (eulerbake.disk, eulerbake.ext4, eulerbake.vfat))
+LIBRARY_CODE = tuple(Path(str(module.__file__)) for module in (eulerbake.fs.disk, eulerbake.fs.ext4, eulerbake.fs.vfat))
 ROOT_MARKERS = ("/etc/os-release", "/usr/lib/os-release")
 ATTRS_FILE = ".eulerbake-attrs"  # optional per-overlay manifest: "<mode> <uid> <gid> <path>" lines
 MODULE_DIR_RE = re.compile(r"^/(?:usr/)?lib/modules/([^/]+)/")

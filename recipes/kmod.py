@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 
 import eulerbake.linux.gate
-from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree, FixedOutput
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile, LocalTree
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.linux.gate import ARCHES, KernelTarget, check_module, find_headers_tree, read_module
 from eulerbake.tools.run import CommandError, run, run_text

@@ -17,12 +17,12 @@ from pathlib import Path
 import eulerbake.fs.disk
 import eulerbake.fs.ext4
 import eulerbake.fs.vfat
-from eulerbake.fs import disk, ext4, vfat
 from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.fs import disk, ext4, vfat
 from eulerbake.tools.run import require_tool, run
 
-LIBRARY_CODE = tuple(Path(str(module.__file__)) for module in (eulerbake.disk, eulerbake.ext4, eulerbake.vfat))
+LIBRARY_CODE = tuple(Path(str(module.__file__)) for module in (eulerbake.fs.disk, eulerbake.fs.ext4, eulerbake.fs.vfat))
 SKELETON = Path(__file__).resolve().parent / "sample-root"
 RELEASE = "22.03-LTS"
 ARCHES = ("x86_64", "aarch64")

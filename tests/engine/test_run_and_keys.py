@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, FixedOutput
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.store.local import Store
 from eulerbake.tools import packages
 from eulerbake.tools.run import CommandError, run, run_text
-from eulerbake.store.local import Store
 
 
 def test_missing_tool_names_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:

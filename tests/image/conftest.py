@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from eulerbake.core import hashing
-from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree, FixedOutput
-from eulerbake.tools.run import run, run_text
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile, LocalTree
 from eulerbake.store.local import Store
+from eulerbake.tools.run import run, run_text
 from recipes.image import image_modules, raw_image
 from recipes.sample import sample_kernel_release, sample_qcow2
 

@@ -11,8 +11,8 @@ import pytest
 
 from eulerbake.core.derivation import Derivation, FixedOutput
 from eulerbake.core.errors import EulerbakeError
-from eulerbake.tools.run import run
 from eulerbake.store.local import Store
+from eulerbake.tools.run import run
 from recipes.image import image_modules, raw_image
 from recipes.sample import sample_kernel_release, sample_qcow2
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.fs import disk, ext4
 from eulerbake.core.errors import EulerbakeError
-from eulerbake.tools.run import run, run_text
+from eulerbake.fs import disk, ext4
 from eulerbake.store.local import Store
+from eulerbake.tools.run import run, run_text
 from recipes.image import (
     edit_grub_defaults,
     edit_kernel_command_lines,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.fs import disk
 from eulerbake.core import hashing
 from eulerbake.core.derivation import LocalTree
-from eulerbake.tools.run import run, run_text
+from eulerbake.fs import disk
 from eulerbake.store.local import Store
+from eulerbake.tools.run import run, run_text
 from recipes.image import find_root_partition, raw_image
 from recipes.sample import AARCH64_KERNEL_RELEASE, sample_kernel_release, sample_qcow2
 

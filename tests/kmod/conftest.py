@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree
-from eulerbake.tools.run import run
 from eulerbake.store.local import Realised, Store
+from eulerbake.tools.run import run
 from recipes import kmod as recipes_kmod
 from recipes.sample import sample_kernel_release
 

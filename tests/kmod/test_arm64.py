@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from eulerbake.core.derivation import LocalTree
-from eulerbake.linux.gate import KernelTarget, check_module, read_module
-from eulerbake.tools.run import run
+from eulerbake.linux.gate import check_module
+from eulerbake.linux.module import read_module
+from eulerbake.linux.target import KernelTarget
 from eulerbake.store.local import Store
+from eulerbake.tools.run import run
 from recipes import kmod as recipes_kmod
 from tests.kmod import modedit
 from tests.kmod.conftest import HELLO_C, LINUX_SOURCE, write_hello_source

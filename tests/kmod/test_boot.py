@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.linux.gate import KernelTarget, Verdict, check_module
+from eulerbake.linux.gate import Verdict, check_module
+from eulerbake.linux.target import KernelTarget
 from eulerbake.tools.run import run
 from tests.kmod import modedit
 from tests.kmod.conftest import KREL, OTHER_KREL, SHIPPED_ENA, VMLINUZ, KmodBuilds, debian_kernel

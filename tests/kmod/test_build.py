@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from eulerbake.core import hashing
-from eulerbake.core.derivation import Derivation, LocalFile, LocalTree, FixedOutput
+from eulerbake.core.derivation import Derivation, FixedOutput, LocalFile, LocalTree
 from eulerbake.core.errors import EulerbakeError
-from eulerbake.linux.gate import read_module
-from eulerbake.tools.run import run
+from eulerbake.linux.module import read_module
 from eulerbake.store.local import Store
+from eulerbake.tools.run import run
 from recipes import kmod as recipes_kmod
 from tests.kmod import modedit
 from tests.kmod.conftest import (

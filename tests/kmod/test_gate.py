@@ -9,10 +9,12 @@ from typing import cast
 
 import pytest
 
-from eulerbake.linux import gate as kmod
-from eulerbake.core.errors import EulerbakeError
-from eulerbake.linux.gate import KernelTarget, check_module, read_module
 from eulerbake.cli.kmod import kmod_main
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.linux import module as kmod
+from eulerbake.linux.gate import check_module
+from eulerbake.linux.module import read_module
+from eulerbake.linux.target import KernelTarget
 from eulerbake.tools.run import run
 from tests.kmod import modedit
 from tests.kmod.conftest import HEADERS_DIR, KREL, MODULES_DIR, OTHER_KREL, SHIPPED_ENA, debian_kernel

@@ -10,9 +10,9 @@ from pathlib import Path
 import blake3
 import pytest
 
-from eulerbake.fetch import http as fetch
 from eulerbake.core.derivation import FixedOutput
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.fetch import http as fetch
 from eulerbake.fetch.lock import LockEntry, LockFile
 from eulerbake.store.local import Store
 from recipes import releases

@@ -11,8 +11,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from eulerbake.fetch import http as fetch
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.fetch import http as fetch
 from eulerbake.fetch.lock import LockFile, lock_main
 from eulerbake.store.local import Store
 from recipes import releases

@@ -20,7 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from eulerbake.core.errors import EulerbakeError
-from eulerbake.linux.gate import Verdict, check_module, load_target
+from eulerbake.linux.gate import Verdict, check_module
+from eulerbake.linux.target import load_target
 from eulerbake.tools.run import CommandError, run, run_text
 
 QCOW2_MAGIC = b"QFI\xfb"

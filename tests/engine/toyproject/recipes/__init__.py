@@ -19,7 +19,7 @@ from pathlib import Path
 import blake3
 import jinja2
 
-from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree, FixedOutput
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile, LocalTree
 
 HERE = Path(__file__).resolve().parent.parent
 
