@@ -38,11 +38,17 @@ def store_main(project: Project, argv: Sequence[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_path = sub.add_parser("path", help="print the store path of a task's output")
     p_path.add_argument("entry")
+    p_path.add_argument("--expected", action="store_true", help="print the path even when it is not built yet")
     p_info = sub.add_parser("info", help="list entries or show one")
     p_info.add_argument("entry", nargs="?")
     p_info.add_argument("--json", action="store_true")
     p_verify = sub.add_parser("verify", help="re-hash entries and report corruption")
     p_verify.add_argument("entries", nargs="*")
+    p_verify.add_argument("--repair", action="store_true",
+                          help="move corrupted entries, orphans, strays and garbled metadata to store/.corrupt/")
+    p_root = sub.add_parser("root", help="pin tasks' entries against gc (store/.roots/), for this or any checkout")
+    p_root.add_argument("action", choices=("add", "remove", "list"))
+    p_root.add_argument("tasks", nargs="*")
     p_gc = sub.add_parser("gc", help="delete entries that no current recipe reaches")
     p_gc.add_argument("--dry-run", action="store_true")
     p_why = sub.add_parser("why-depends", help="show a dependency chain between two entries")
@@ -57,10 +63,18 @@ def store_main(project: Project, argv: Sequence[str]) -> int:
 
     if args.command == "path":
         if ":" in args.entry:
-            print(store.path(project.node(args.entry)))
+            node = project.node(args.entry)
+            if not args.expected and not store.has(node):
+                console.print(f"{args.entry} is not built yet (it would be {store.path(node)}); "
+                              f"build it with `doit {args.entry}`, or pass --expected")
+                return 1
+            print(store.path(node))
         else:
             print(store.find(args.entry)["path"])
         return 0
+    if not store.root.is_dir():
+        raise EulerbakeError(f"there is no store at {store.root}",
+                             hint="build something first (`doit`), or point EULERBAKE_STORE at the store you mean")
     if args.command == "info":
         if args.entry:
             meta = _entry_for(project, args.entry)
@@ -78,12 +92,9 @@ def store_main(project: Project, argv: Sequence[str]) -> int:
         console.print(table)
         return 0
     if args.command == "verify":
-        entries = [_entry_for(project, q) for q in args.entries] if args.entries else store.entries()
-        problems = store.verify(entries)
-        for meta, problem in problems:
-            console.print(f"[bold red]CORRUPT[/] {meta['path']}: {problem}")
-        console.print(f"{len(entries)} entries checked, {len(problems)} corrupted")
-        return 1 if problems else 0
+        return _verify(project, args.entries, args.repair)
+    if args.command == "root":
+        return _roots(project, args.action, args.tasks)
     if args.command == "log":
         return _show_log(project, args.entry)
     if args.command == "gc":
@@ -113,6 +124,48 @@ def store_main(project: Project, argv: Sequence[str]) -> int:
     if args.command == "why-rebuilt":
         return _why_rebuilt(project, args.task)
     return 2
+
+
+def _verify(project: Project, queries: list[str], repair: bool) -> int:
+    """Re-hash entries; with no names also list what is not a whole entry. Exit 1 when anything is wrong."""
+    store = project.store
+    entries = [_entry_for(project, q) for q in queries] if queries else store.entries()
+    problems = store.verify(entries)
+    anomalies = [] if queries else store.anomalies()
+    for meta, problem in problems:
+        console.print(f"[bold red]CORRUPT[/] {meta['path']}: {problem}")
+    for path, problem in anomalies:
+        console.print(f"[bold red]BROKEN[/] {path}: {problem}")
+    console.print(f"{len(entries)} entries checked, {len(problems)} corrupted, {len(anomalies)} other problems")
+    if repair and (problems or anomalies):
+        doomed = [Path(meta["path"]) for meta, _ in problems]
+        doomed += [Path(meta["path"] + suffix) for meta, _ in problems for suffix in (".json", ".log")]
+        doomed += [store.seal_path(meta["key"]) for meta, _ in problems]
+        where = store.repair([*doomed, *(path for path, _ in anomalies)])
+        console.print(f"moved to {where}; the next build makes what is needed again")
+        return 0
+    return 1 if problems or anomalies else 0
+
+
+def _roots(project: Project, action: str, tasks: list[str]) -> int:
+    """`store root add|remove|list`: files in store/.roots/ naming keys that gc keeps with their closure."""
+    roots = project.store.root / ".roots"
+    if action == "list":
+        for path in sorted(roots.iterdir()):
+            console.print(f"{path.name}: {path.read_text().strip()}")
+        return 0
+    if not tasks:
+        raise EulerbakeError(f"`store root {action}` needs task names", hint=f"eulerbake store root {action} TASK")
+    for task in tasks:
+        node = project.node(task)
+        root_file = roots / f"{node.key}-{node.store_name}"
+        if action == "add":
+            root_file.write_text(node.key + "\n")
+            console.print(f"pinned {task} ({root_file.name}) against gc")
+        else:
+            root_file.unlink(missing_ok=True)
+            console.print(f"unpinned {task}")
+    return 0
 
 
 def _print_entry(meta: dict[str, Any]) -> None:

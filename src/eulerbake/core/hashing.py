@@ -237,7 +237,7 @@ def hash_file(path: Path, *, use_cache: bool = True) -> str:
     return b3
 
 
-def _tree_entries(path: Path, use_cache: bool) -> list[list[Any]]:
+def _tree_entries(path: Path, use_cache: bool, collect: dict[str, str] | None, prefix: str) -> list[list[Any]]:
     entries: list[list[Any]] = []
     with os.scandir(path) as it:
         children = sorted(it, key=lambda e: os.fsencode(e.name))
@@ -247,17 +247,26 @@ def _tree_entries(path: Path, use_cache: bool) -> list[list[Any]]:
         if stat.S_ISLNK(st.st_mode):
             entries.append(["l", name, os.readlink(entry.path)])
         elif stat.S_ISDIR(st.st_mode):
-            entries.append(["d", name, _tree_hash(Path(entry.path), use_cache)])
+            entries.append(["d", name, _tree_hash(Path(entry.path), use_cache, collect, f"{prefix}{name}/")])
         elif stat.S_ISREG(st.st_mode):
             executable = bool(st.st_mode & stat.S_IXUSR)
-            entries.append(["f", name, executable, hash_file(Path(entry.path), use_cache=use_cache)])
+            digest = hash_file(Path(entry.path), use_cache=use_cache)
+            if collect is not None:
+                collect[prefix + name] = digest
+            entries.append(["f", name, executable, digest])
         else:
             raise ValueError(f"cannot hash special file {entry.path}")
     return entries
 
 
-def _tree_hash(path: Path, use_cache: bool) -> str:
-    return hash_json(_tree_entries(path, use_cache))
+def _tree_hash(path: Path, use_cache: bool, collect: dict[str, str] | None = None, prefix: str = "") -> str:
+    return hash_json(_tree_entries(path, use_cache, collect, prefix))
+
+
+def hash_tree_files(path: Path) -> tuple[str, dict[str, str]]:
+    """`hash_tree` read from disk (no stat cache), plus each regular file's blake3 by relative path."""
+    files: dict[str, str] = {}
+    return _tree_hash(Path(path), False, files), files
 
 
 def hash_tree(path: Path, *, use_cache: bool = True) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import blake3
 
@@ -42,6 +42,7 @@ from eulerbake.core.errors import EulerbakeError
 from eulerbake.tools.units import human_size
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 CHUNK = 1024 * 1024
 USER_AGENT = f"eulerbake/{__version__}"
@@ -281,8 +282,6 @@ def _http_attempt(url: str, partial: _PartialFile, expected_size: int | None, po
         if exc.code == 416 and offset:
             partial.restart()
             raise _RestartNeeded("the server refused to continue the partial download") from exc
-        if exc.code in MISSING_STATUSES:
-            raise LocationFailed(f"HTTP {exc.code} {exc.reason}") from exc
         raise
     with response:
         if offset and response.status == 206:
@@ -313,22 +312,26 @@ def _http_attempt(url: str, partial: _PartialFile, expected_size: int | None, po
             raise http.client.IncompleteRead(b"", remaining - received)
 
 
-def _fetch_http(url: str, partial: _PartialFile, expected_size: int | None, policy: RetryPolicy,
-                progress: _Progress, log: Log) -> None:
+def _with_retries(what: str, attempt: Callable[[], T], policy: RetryPolicy, log: Log) -> T:
+    """Call `attempt` until it succeeds, retrying transient failures with exponential backoff.
+
+    Transient: connection errors, resets, timeouts, short bodies, HTTP errors other than "not there"
+    (`MISSING_STATUSES`), and a partial download that must start over. After `policy.attempts` of them the
+    location is given up (`LocationFailed`); anything else (`LocationFailed` itself included) passes through.
+    """
     failures = 0
     while True:
         try:
-            _http_attempt(url, partial, expected_size, policy, progress, log)
-            return
-        except _RestartNeeded as exc:
+            return attempt()
+        except (_RestartNeeded, OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code in MISSING_STATUSES:
+                raise LocationFailed(f"HTTP {exc.code} {exc.reason}") from exc
             reason: BaseException = exc
-        except (OSError, http.client.HTTPException) as exc:  # URLError, resets, timeouts, short bodies
-            reason = exc
         failures += 1
         if failures >= policy.attempts:
             raise LocationFailed(f"gave up after {failures} attempts: {_describe(reason)}")
         wait = policy.delay(failures)
-        log(f"{url}: {_describe(reason)}; retrying in {wait:.1f}s (attempt {failures + 1} of {policy.attempts})")
+        log(f"{what}: {_describe(reason)}; retrying in {wait:.1f}s (attempt {failures + 1} of {policy.attempts})")
         time.sleep(wait)
 
 
@@ -373,29 +376,72 @@ def fetch_location(location: str, partial_path: Path, *, expected_size: int | No
             if local is not None:
                 _copy_local(local, partial, progress)
             else:
-                _fetch_http(location, partial, expected_size, policy, progress, log)
+                _with_retries(location, lambda: _http_attempt(location, partial, expected_size, policy, progress, log),
+                              policy, log)
         return partial.finish(location)
     finally:
         partial.close()
+
+
+class _Exhausted(Exception):
+    """No location delivered: why each failed, and which delivered bytes that `verify` refused."""
+
+    def __init__(self, failures: list[str], mismatches: list[tuple[str, list[str]]]) -> None:
+        super().__init__("no location delivered")
+        self.failures = failures
+        self.mismatches = mismatches
+
+
+def _first_good(locations: Sequence[str], partial_path: Path, *, label: str, log: Log, policy: RetryPolicy | None,
+                expected_size: int | None, trust_partial: bool,
+                verify: Callable[[Fetched], list[str]] | None = None) -> Fetched:
+    """The one location loop: each location in turn until one delivers bytes that `verify` accepts.
+
+    A resumed download that `verify` refuses is fetched once more from the start before the location is
+    declared bad (the old part may have come from a changed or broken server).
+    """
+    failures: list[str] = []
+    mismatches: list[tuple[str, list[str]]] = []
+    for location in locations:
+        for from_scratch in (False, True):
+            if from_scratch:
+                log(f"{location}: the resumed download does not match the pins; downloading it again from the start")
+            try:
+                got = fetch_location(location, partial_path, expected_size=expected_size, label=label, log=log,
+                                     trust_partial=trust_partial and not from_scratch, policy=policy)
+            except LocationFailed as exc:
+                failures.append(f"{location}: {exc}")
+                log(f"{location}: {exc}")
+                break
+            wrong = verify(got) if verify else []
+            if not wrong:
+                return got
+            discard_partial(partial_path)
+            if got.resumed and not from_scratch:
+                continue
+            mismatches.append((location, wrong))
+            log(f"{location} served bytes that do not match the pins; trying the next location")
+            break
+    raise _Exhausted(failures, mismatches)
+
+
+def _unreachable(label: str, failures: list[str]) -> EulerbakeError:
+    return EulerbakeError(
+        f"could not fetch {label}:\n  " + "\n  ".join(failures or ["no locations given"]),
+        hint="check the URL or the mirror list (EULERBAKE_MIRRORS), or pre-copy the file and point a file:// "
+        "mirror at it",
+    )
 
 
 def fetch_first(locations: Sequence[str], partial_path: Path, *, label: str = "", log: Log = print,
                 policy: RetryPolicy | None = None, expected_size: int | None = None,
                 trust_partial: bool = False) -> Fetched:
     """The first of `locations` that delivers; an EulerbakeError listing every failure otherwise."""
-    failures = []
-    for location in locations:
-        try:
-            return fetch_location(location, partial_path, expected_size=expected_size, trust_partial=trust_partial,
-                                  label=label, log=log, policy=policy)
-        except LocationFailed as exc:
-            failures.append(f"{location}: {exc}")
-            log(f"{location}: {exc}")
-    raise EulerbakeError(
-        f"could not fetch {label or partial_path.name}:\n  " + "\n  ".join(failures or ["no locations given"]),
-        hint="check the URL or the mirror list (EULERBAKE_MIRRORS), or pre-copy the file and point a file:// "
-        "mirror at it",
-    )
+    try:
+        return _first_good(locations, partial_path, label=label, log=log, policy=policy,
+                           expected_size=expected_size, trust_partial=trust_partial)
+    except _Exhausted as exc:
+        raise _unreachable(label or partial_path.name, exc.failures) from None
 
 
 def fetch_text(location: str, policy: RetryPolicy | None = None, log: Log = print) -> str | None:
@@ -407,23 +453,18 @@ def fetch_text(location: str, policy: RetryPolicy | None = None, log: Log = prin
         raise EulerbakeError(f"cannot read {location}: {exc}", hint="use file:///absolute/path") from exc
     if local is not None:
         return local.read_text(errors="replace")[:MAX_TEXT_BYTES] if local.is_file() else None
-    failures = 0
-    while True:
+
+    def attempt() -> str:
         request = urllib.request.Request(location, headers={"User-Agent": USER_AGENT})
-        try:
-            with urllib.request.urlopen(request, timeout=policy.timeout_seconds) as response:
-                return bytes(response.read(MAX_TEXT_BYTES)).decode(errors="replace")
-        except urllib.error.HTTPError as exc:
-            if exc.code in MISSING_STATUSES:
-                return None
-            reason: BaseException = exc
-        except (OSError, http.client.HTTPException) as exc:
-            reason = exc
-        failures += 1
-        if failures >= policy.attempts:
-            raise EulerbakeError(f"could not read {location}: {_describe(reason)}", hint="check the mirror")
-        log(f"{location}: {_describe(reason)}; retrying")
-        time.sleep(policy.delay(failures))
+        with urllib.request.urlopen(request, timeout=policy.timeout_seconds) as response:
+            return bytes(response.read(MAX_TEXT_BYTES)).decode(errors="replace")
+
+    try:
+        return _with_retries(location, attempt, policy, log)
+    except LocationFailed as exc:
+        if isinstance(exc.__cause__, urllib.error.HTTPError):
+            return None  # the location does not have it
+        raise EulerbakeError(f"could not read {location}: {exc}", hint="check the mirror") from exc
 
 
 _GNU_LINE = re.compile(r"^([0-9a-fA-F]{64})(?:\s+\*?(.+?))?\s*$")
@@ -512,36 +553,14 @@ def fetch_source(source: FixedOutput, dest: Path, log: Log = print, partial_path
             hint="pin it with `eulerbake lock` and review the change to recipes/sources.lock",
         )
     partial_path = partial_path or dest.with_name(dest.name + ".part")
-    policy = RetryPolicy.from_env()
-    failures: list[str] = []
-    mismatches: list[tuple[str, list[str]]] = []
-    for location in source.urls:
-        for from_scratch in (False, True):
-            if from_scratch:
-                log(f"{location}: the resumed download does not match the pins; downloading it again from the start")
-            try:
-                got = fetch_location(location, partial_path, expected_size=source.size, trust_partial=not from_scratch,
-                                     label=source.label or source.filename, log=log, policy=policy)
-            except LocationFailed as exc:
-                failures.append(f"{location}: {exc}")
-                log(f"{location}: {exc}")
-                break
-            wrong = pin_problems(source, got.size, got.sha256, got.blake3)
-            if not wrong:
-                shutil.move(str(partial_path), dest)
-                _meta_path(partial_path).unlink(missing_ok=True)
-                return
-            discard_partial(partial_path)
-            if got.resumed and not from_scratch:
-                continue
-            mismatches.append((location, wrong))
-            log(f"{location} served bytes that do not match the pins; trying the next location")
-            break
-    if mismatches:
-        raise _mismatch_error(source, mismatches)
-    raise EulerbakeError(
-        f"could not fetch {source.filename} ({source.label or 'no label'}):\n  "
-        + "\n  ".join(failures or ["no locations given"]),
-        hint="check the URL or the mirror list (EULERBAKE_MIRRORS), or pre-copy the file and point a file:// "
-        "mirror at it",
-    )
+    label = source.label or source.filename
+    try:
+        _first_good(source.urls, partial_path, label=label, log=log, policy=RetryPolicy.from_env(),
+                    expected_size=source.size, trust_partial=True,
+                    verify=lambda got: pin_problems(source, got.size, got.sha256, got.blake3))
+    except _Exhausted as exc:
+        if exc.mismatches:
+            raise _mismatch_error(source, exc.mismatches) from None
+        raise _unreachable(f"{source.filename} ({label})", exc.failures) from None
+    shutil.move(str(partial_path), dest)
+    _meta_path(partial_path).unlink(missing_ok=True)

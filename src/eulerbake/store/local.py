@@ -8,15 +8,15 @@ removes. A per-key `flock` makes concurrent builders wait for each other instead
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
-import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,10 +29,19 @@ from eulerbake import __version__
 from eulerbake.core import hashing
 from eulerbake.core.derivation import BuildContext, FixedOutput, Input, Node
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.store import seal
 from eulerbake.store.buildlog import BuildLog
+from eulerbake.tools import versions
 from eulerbake.tools.run import recording
 
 DEFAULT_SOURCE_DATE_EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z, used when the recipe sets none
+NO_REBUILD_CORRUPT_ENV = "EULERBAKE_NO_REBUILD_CORRUPT"  # fail instead of rebuilding a corrupted entry
+META_FIELDS = ("key", "name", "task", "manifest", "output")
+ENTRY_RE = re.compile(r"^(([0-9a-f]{32})-[A-Za-z0-9][A-Za-z0-9._+-]*?)(\.json|\.log)?$")
+GC_LOCK = "gc"  # store/.locks/gc.lock: shared by builds, exclusive for gc
+SUBDIRS = (".tmp", ".locks", ".cache", ".roots", ".failed", ".seals", ".corrupt")
+# (store root, key) of entries whose seal was checked in this process: checked once per run, not per use.
+_intact: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -70,48 +79,6 @@ def remove_tree(path: Path) -> None:
         path.unlink()
 
 
-def _syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding `path` in one call (syncfs), instead of one fsync per file.
-
-    A kernel-headers output has ~16,000 files: per-file fsync cost ~5 s, syncfs a fraction of that.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc is None or _libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-_libc = _load_libc()
-
-
-def _seal(path: Path, epoch: int) -> None:
-    """Pin mtimes to `epoch`, make the tree read-only and flush it to disk."""
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            full = os.path.join(root, name)
-            st = os.lstat(full)
-            if stat.S_ISREG(st.st_mode):
-                os.chmod(full, 0o555 if st.st_mode & stat.S_IXUSR else 0o444)
-            os.utime(full, (epoch, epoch), follow_symlinks=False)
-        for name in dirs:
-            full = os.path.join(root, name)
-            if not os.path.islink(full):
-                os.chmod(full, 0o555)
-            os.utime(full, (epoch, epoch), follow_symlinks=False)
-    os.chmod(path, 0o555)
-    os.utime(path, (epoch, epoch))
-    _syncfs(path)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -138,9 +105,17 @@ class Store:
     def _ensure(self) -> None:
         if self._ready:
             return
-        for sub in (".tmp", ".locks", ".cache", ".roots", ".failed"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise EulerbakeError(f"the store {self.root} is not a directory",
+                                 hint="point EULERBAKE_STORE at a directory (or unset it to use ./store)")
+        try:
+            for sub in SUBDIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EulerbakeError(f"cannot create the store {self.root}: {exc.strerror}",
+                                 hint="make the directory writable, or point EULERBAKE_STORE elsewhere") from exc
         hashing.use_stat_cache(self.root / ".cache" / "stat-cache.sqlite3")
+        versions.use_cache_file(self.root / ".cache" / "tool-versions.json")
         self._ready = True
 
     def open_stat_cache(self) -> None:
@@ -153,8 +128,48 @@ class Store:
     def meta_path(self, node: Node) -> Path:
         return self.root / f"{node.key}-{node.store_name}.json"
 
+    def seal_path(self, key: str) -> Path:
+        return self.root / ".seals" / f"{key}.json"
+
     def has(self, node: Node) -> bool:
-        return self.meta_path(node).is_file() and self.path(node).is_dir()
+        """The entry is committed and still what was sealed (a corrupted one is moved aside: not there)."""
+        if not (self.meta_path(node).is_file() and self.path(node).is_dir()):
+            return False
+        if (str(self.root), node.key) in _intact:
+            return True
+        problems = self.seal_problems(node.key, self.path(node))
+        if problems:
+            self._quarantine(node, problems)
+            return False
+        _intact.add((str(self.root), node.key))
+        return True
+
+    def seal_problems(self, key: str, path: Path) -> list[str]:
+        """How an entry differs from its seal record (a missing or garbled record is a problem too)."""
+        try:
+            record = json.loads(self.seal_path(key).read_text())
+        except FileNotFoundError:
+            return ["its seal record is missing"]
+        except (OSError, ValueError) as exc:
+            return [f"its seal record is unreadable: {exc}"]
+        return seal.check(path, record)
+
+    def _quarantine(self, node: Node, problems: list[str]) -> None:
+        """Move a corrupted entry to `store/.corrupt/` with a note; it is then rebuilt (or the build fails)."""
+        where = self.root / ".corrupt" / f"{node.key}-{node.store_name}-{int(time.time())}"
+        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        with self.lock(node.key):
+            if self.meta_path(node).is_file():
+                where.mkdir(parents=True, exist_ok=True)
+                for part in (self.path(node), self.meta_path(node), self.log_path(node), self.seal_path(node.key)):
+                    if part.exists():
+                        os.rename(part, where / part.name)
+                (where / "NOTE").write_text(f"{node.task_name} was corrupted in the store: {shown}\n")
+        sys.stderr.write(f"  WARNING: store entry {node.key}-{node.store_name} ({node.task_name}) is CORRUPT: "
+                         f"{shown}; moved to {where}\n")
+        if os.environ.get(NO_REBUILD_CORRUPT_ENV, "") not in ("", "0"):
+            raise EulerbakeError(f"store entry of {node.task_name} is corrupted ({shown}); moved to {where}",
+                                 hint=f"unset {NO_REBUILD_CORRUPT_ENV} to rebuild it; find what writes into the store")
 
     def input_path(self, value: Input) -> Path:
         """The path a builder sees for an input: a derivation's output dir, a source's file."""
@@ -165,25 +180,42 @@ class Store:
         return value.path.absolute()
 
     @contextmanager
-    def lock(self, key: str, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    def lock(self, key: str, on_wait: Callable[[str], None] | None = None, *, shared: bool = False,
+             waiting: str = "") -> Iterator[None]:
+        """flock `store/.locks/<key>.lock` (opened without following links and never truncated)."""
         self._ensure()
-        with open(self.root / ".locks" / f"{key}.lock", "w") as handle:
+        path = self.root / ".locks" / f"{key}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise EulerbakeError(f"{path} is a symbolic link; the store refuses to follow it",
+                                     hint=f"remove {path} (lock files are plain files the store creates)") from exc
+            raise
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 if on_wait:
-                    on_wait(f"waiting for another build of {key} to finish")
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                    on_wait(waiting or f"waiting for another build of {key} to finish")
+                fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # -- building -----------------------------------------------------------------------------
     def realise(self, node: Node, log: Callable[[str], None] = print, _seen: set[str] | None = None) -> Realised:
-        """Make sure `node` and everything it depends on is in the store; build what is missing."""
+        """Make sure `node` and everything it depends on is in the store; build what is missing.
+
+        The whole realisation holds the store's gc lock shared: `store gc` (exclusive) never deletes an
+        entry a build in any checkout is using or making.
+        """
         self._ensure()
-        seen = _seen if _seen is not None else set()
+        if _seen is None:
+            with self.lock(GC_LOCK, log, shared=True, waiting="waiting for `eulerbake store gc` to finish"):
+                return self.realise(node, log, set())
+        seen = _seen
         for dep in node.dependencies():
             if dep.key not in seen:
                 self.realise(dep, log, seen)
@@ -199,6 +231,7 @@ class Store:
 
     def _discard_leftovers(self, node: Node) -> None:
         remove_tree(self.path(node))
+        self.seal_path(node.key).unlink(missing_ok=True)
         for stale in (self.root / ".tmp").glob(f"{node.key}-*"):
             remove_tree(stale)
 
@@ -236,13 +269,22 @@ class Store:
                 cache=self.root / ".cache",
                 secrets=node.secrets(),
             )
-            with recording() as recorder:
+            (work / ".tmp").mkdir()
+            with recording(tmpdir=work / ".tmp") as recorder:
                 build_log.recorder = recorder
                 try:
                     node.build(ctx)
                 except EulerbakeError as err:
                     build_log.failure(str(err))
+                    if "No space left on device" in str(err):
+                        raise self._no_space(node, tmp) from err
                     raise
+                except OSError as exc:
+                    build_log.failure(f"{type(exc).__name__}: {exc}")
+                    if exc.errno == errno.ENOSPC:
+                        raise self._no_space(node, tmp) from exc
+                    raise EulerbakeError(f"builder for {node.task_name} failed: {exc}",
+                                         hint="see the traceback above (run with -v 2)") from exc
                 except Exception as exc:  # a bug or unexpected failure in a builder
                     build_log.failure(f"{type(exc).__name__}: {exc}")
                     raise EulerbakeError(
@@ -259,9 +301,13 @@ class Store:
             remove_tree(work)
             self._check_inputs_unchanged(node)
             node.check_output(out, ctx.secrets)
-            _seal(out, epoch)
+            seal.seal(out, epoch)
             known = node.known_output_hash()
-            output_hash = known if known is not None else hashing.hash_tree(out, use_cache=False)
+            if known is not None and isinstance(node, FixedOutput):
+                output_hash, hashes = known, {node.filename: node.blake3}
+            else:
+                output_hash, hashes = hashing.hash_tree_files(out)
+            (tmp / "seal.json").write_text(json.dumps(seal.record(out, hashes), sort_keys=True))
             meta = {
                 "key": node.key,
                 "name": node.store_name,
@@ -281,6 +327,7 @@ class Store:
                 os.fsync(f.fileno())
             build_log.write(tmp / "build.log", ok=True)
             os.rename(out, self.path(node))
+            os.rename(tmp / "seal.json", self.seal_path(node.key))
             os.rename(meta_tmp, self.meta_path(node))  # the commit point
             os.rename(tmp / "build.log", self.log_path(node))  # after it: never a log without its entry
             self.failed_log_path(node).unlink(missing_ok=True)
@@ -294,6 +341,16 @@ class Store:
             raise
         finally:
             remove_tree(tmp)
+
+    def _no_space(self, node: Node, tmp: Path) -> EulerbakeError:
+        used = hashing.tree_size(tmp) if tmp.exists() else 0
+        free = shutil.disk_usage(self.root).free
+        return EulerbakeError(
+            f"no space left on {self.root} while building {node.task_name} (it had written {used / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB are free); nothing was committed",
+            hint=f"free space on the store's filesystem (eulerbake store gc) or move the store: EULERBAKE_STORE; "
+            f"need at least ~{max(1.0, used * 2 / 2**30):.0f} GiB",
+        )
 
     @staticmethod
     def _check_inputs_unchanged(node: Node) -> None:
@@ -316,21 +373,80 @@ class Store:
 
     # -- queries ------------------------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
-        """Metadata of every committed entry, sorted by name."""
+        """Metadata of every committed entry, sorted by name (garbled ones are left to `anomalies`)."""
         if not self.root.is_dir():
             return []
         found = []
         for meta_file in sorted(self.root.glob("*.json")):
             if meta_file.with_suffix("").is_dir():
-                found.append(self.read_meta(meta_file))
+                try:
+                    found.append(self.read_meta(meta_file))
+                except EulerbakeError:
+                    continue
         return found
 
     @staticmethod
     def read_meta(meta_file: Path) -> dict[str, Any]:
-        with meta_file.open() as f:
-            meta: dict[str, Any] = json.load(f)
+        """An entry's metadata; garbled metadata is one error naming the file."""
+        try:
+            with meta_file.open() as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict) or any(field not in meta for field in META_FIELDS):
+                raise ValueError(f"not an entry's metadata (needs {', '.join(META_FIELDS)})")
+        except (OSError, ValueError) as exc:
+            raise EulerbakeError(f"store metadata {meta_file} is unreadable: {exc}",
+                                 hint="run `eulerbake store verify --repair` to move the broken entry aside") from exc
         meta["path"] = str(meta_file.with_suffix(""))
-        return meta
+        return dict(meta)
+
+    def anomalies(self) -> list[tuple[Path, str]]:
+        """What in the store is not a whole entry: garbled metadata, orphans, strays (not builds in flight)."""
+        found: list[tuple[Path, str]] = []
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith("."):
+                continue
+            match = ENTRY_RE.match(path.name)
+            if match is None:
+                found.append((path, "stray: not a store entry (expected <key>-<name>[.json|.log])"))
+                continue
+            base, key, suffix = self.root / match.group(1), match.group(2), match.group(3)
+            if suffix == ".json":
+                if not base.is_dir():
+                    found.append((path, "orphaned metadata: its output directory is gone"))
+                    continue
+                try:
+                    self.read_meta(path)
+                except EulerbakeError as err:
+                    found.append((path, err.message))
+            elif suffix == ".log":
+                if not Path(f"{base}.json").is_file():
+                    found.append((path, "orphaned build log: no entry"))
+            elif not Path(f"{path}.json").is_file() and not self._building(key):
+                found.append((path, "orphaned output: no metadata (a build was killed before its commit)"))
+        return found
+
+    def _building(self, key: str) -> bool:
+        """Whether a build of `key` holds its lock right now."""
+        try:
+            fd = os.open(self.root / ".locks" / f"{key}.lock", os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def repair(self, paths: Iterable[Path]) -> Path:
+        """Move anomalies (and the files of their entry) to `store/.corrupt/<time>/`; returns that folder."""
+        where = self.root / ".corrupt" / f"repair-{int(time.time())}"
+        where.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            if path.exists() or path.is_symlink():
+                os.rename(path, where / path.name)
+        return where
 
     def find(self, query: str) -> dict[str, Any]:
         """An entry by store path, `<key>-<name>`, key prefix or task name."""
@@ -358,7 +474,10 @@ class Store:
                 problems.append((meta, f"unreadable: {exc}"))
                 continue
             recorded = meta["output"]["hash"]
-            if actual != recorded:
+            sealed = self.seal_problems(meta["key"], path)
+            if sealed:
+                problems.append((meta, "; ".join(sealed[:3])))
+            elif actual != recorded:
                 problems.append((meta, f"content hash {actual[:16]}… does not match recorded {recorded[:16]}…"))
             elif hashing.hash_json(meta["manifest"])[: len(meta["key"])] != meta["key"]:
                 problems.append((meta, "metadata manifest does not hash to the entry's key"))
@@ -370,9 +489,20 @@ class Store:
             Path(str(path) + ".json").unlink(missing_ok=True)
             remove_tree(path)
             Path(str(path) + ".log").unlink(missing_ok=True)
+            self.seal_path(meta["key"]).unlink(missing_ok=True)
+            _intact.discard((str(self.root), meta["key"]))
 
-    def gc(self, keep_keys: set[str], dry_run: bool = False) -> list[dict[str, Any]]:
-        """Remove entries whose key is not in `keep_keys` (plus the inputs those need) and temp dirs."""
+    def gc(self, keep_keys: set[str], dry_run: bool = False, log: Callable[[str], None] = print
+           ) -> list[dict[str, Any]]:
+        """Remove entries whose key is not in `keep_keys` (plus the inputs those need) and temp dirs.
+
+        Holds the store's gc lock exclusively: it waits for builds in flight (in any checkout sharing the
+        store) and no build starts until it is done. Entries named in `store/.roots/` are kept too.
+        """
+        with self.lock(GC_LOCK, log, waiting="waiting for builds using this store to finish before gc"):
+            return self._gc(keep_keys, dry_run)
+
+    def _gc(self, keep_keys: set[str], dry_run: bool) -> list[dict[str, Any]]:
         entries = self.entries()
         by_key = {meta["key"]: meta for meta in entries}
         keep = set(keep_keys) | self.pinned_roots()

@@ -70,6 +70,7 @@ class Recorder:
     """What ran during one build: the commands, in order, and the tool names they started."""
 
     commands: list[CommandRecord] = field(default_factory=list)
+    tmpdir: Path | None = None  # the build's own scratch directory: TMPDIR of every command it runs
 
     @property
     def tools(self) -> set[str]:
@@ -80,10 +81,14 @@ _recorder: Recorder | None = None
 
 
 @contextmanager
-def recording() -> Iterator[Recorder]:
-    """Record every command `run` starts inside the block (the store wraps each build in one)."""
+def recording(tmpdir: Path | None = None) -> Iterator[Recorder]:
+    """Record every command `run` starts inside the block (the store wraps each build in one).
+
+    With `tmpdir`, commands get it as TMPDIR, so a killed build leaves no compiler temp files in the
+    caller's /tmp: they go with the build's scratch directory.
+    """
     global _recorder
-    previous, _recorder = _recorder, Recorder()
+    previous, _recorder = _recorder, Recorder(tmpdir=tmpdir)
     try:
         yield _recorder
     finally:
@@ -107,6 +112,8 @@ def tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if _recorder is not None and _recorder.tmpdir is not None:
+        env["TMPDIR"] = str(_recorder.tmpdir)
     env["LC_ALL"] = "C.UTF-8"
     env["TZ"] = "UTC"
     if extra:
