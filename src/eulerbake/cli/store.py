@@ -138,10 +138,7 @@ def _verify(project: Project, queries: list[str], repair: bool) -> int:
         console.print(f"[bold red]BROKEN[/] {path}: {problem}")
     console.print(f"{len(entries)} entries checked, {len(problems)} corrupted, {len(anomalies)} other problems")
     if repair and (problems or anomalies):
-        doomed = [Path(meta["path"]) for meta, _ in problems]
-        doomed += [Path(meta["path"] + suffix) for meta, _ in problems for suffix in (".json", ".log")]
-        doomed += [store.seal_path(meta["key"]) for meta, _ in problems]
-        where = store.repair([*doomed, *(path for path, _ in anomalies)])
+        where = store.repair([*(Path(meta["path"]) for meta, _ in problems), *(path for path, _ in anomalies)])
         console.print(f"moved to {where}; the next build makes what is needed again")
         return 0
     return 1 if problems or anomalies else 0

@@ -155,9 +155,13 @@ class Store:
         return seal.check(path, record)
 
     def _quarantine(self, node: Node, problems: list[str]) -> None:
-        """Move a corrupted entry to `store/.corrupt/` with a note; it is then rebuilt (or the build fails)."""
-        where = self.root / ".corrupt" / f"{node.key}-{node.store_name}-{int(time.time())}"
+        """Move a corrupted entry to `store/.corrupt/` with a note, so it is rebuilt; or fail, if told to."""
         shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        if os.environ.get(NO_REBUILD_CORRUPT_ENV, "") not in ("", "0"):
+            raise EulerbakeError(f"the store entry of {node.task_name} is corrupted: {shown}",
+                                 hint=f"unset {NO_REBUILD_CORRUPT_ENV} to move it aside and rebuild it; "
+                                 "find what writes into the store (a VM run on a store file, a manual edit)")
+        where = self.root / ".corrupt" / f"{node.key}-{node.store_name}-{int(time.time())}"
         with self.lock(node.key):
             if self.meta_path(node).is_file():
                 where.mkdir(parents=True, exist_ok=True)
@@ -166,10 +170,7 @@ class Store:
                         os.rename(part, where / part.name)
                 (where / "NOTE").write_text(f"{node.task_name} was corrupted in the store: {shown}\n")
         sys.stderr.write(f"  WARNING: store entry {node.key}-{node.store_name} ({node.task_name}) is CORRUPT: "
-                         f"{shown}; moved to {where}\n")
-        if os.environ.get(NO_REBUILD_CORRUPT_ENV, "") not in ("", "0"):
-            raise EulerbakeError(f"store entry of {node.task_name} is corrupted ({shown}); moved to {where}",
-                                 hint=f"unset {NO_REBUILD_CORRUPT_ENV} to rebuild it; find what writes into the store")
+                         f"{shown}; moved to {where}, it will be rebuilt\n")
 
     def input_path(self, value: Input) -> Path:
         """The path a builder sees for an input: a derivation's output dir, a source's file."""
@@ -440,12 +441,19 @@ class Store:
             os.close(fd)
 
     def repair(self, paths: Iterable[Path]) -> Path:
-        """Move anomalies (and the files of their entry) to `store/.corrupt/<time>/`; returns that folder."""
+        """Move broken things to `store/.corrupt/repair-<time>/`: a broken entry's files go together
+        (output, metadata, log, seal record); returns that folder."""
         where = self.root / ".corrupt" / f"repair-{int(time.time())}"
         where.mkdir(parents=True, exist_ok=True)
         for path in paths:
-            if path.exists() or path.is_symlink():
-                os.rename(path, where / path.name)
+            match = ENTRY_RE.match(path.name)
+            parts = [path]
+            if match is not None and path.parent == self.root:
+                base = self.root / match.group(1)
+                parts = [base, Path(f"{base}.json"), Path(f"{base}.log"), self.seal_path(match.group(2))]
+            for part in parts:
+                if part.exists() or part.is_symlink():
+                    os.rename(part, where / part.name)
         return where
 
     def find(self, query: str) -> dict[str, Any]:
