@@ -6,6 +6,7 @@ ctime_ns → hash) kept in SQLite means an unchanged multi-GB input is hashed on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -172,22 +173,28 @@ class StatCache:
         seen = self._memory.get(str(path))
         if seen is not None and seen[0] == self._signature(st):
             return seen[1]
-        row = self._conn.execute(
-            "SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, sha256 FROM hashes WHERE path = ?",
-            (str(path),),
-        ).fetchone()
+        try:
+            row = self._conn.execute(
+                "SELECT dev, ino, size, mtime_ns, ctime_ns, blake3, sha256 FROM hashes WHERE path = ?",
+                (str(path),),
+            ).fetchone()
+        except sqlite3.Error:  # a damaged or unreadable cache is a miss: it only ever saves work
+            return None
         if row is None or tuple(row[:5]) != self._signature(st):
             return None
         self._memory[str(path)] = (self._signature(st), (row[5], row[6]))
         return row[5], row[6]
 
     def remember(self, path: Path, st: os.stat_result, b3: str, sha: str | None) -> None:
+        self._memory[str(path)] = (self._signature(st), (b3, sha))
         if time.time() - st.st_mtime < RACY_SECONDS:
+            self._memory.pop(str(path))
             return
-        self._conn.execute(
-            "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (str(path), *self._signature(st), b3, sha),
-        )
+        with contextlib.suppress(sqlite3.Error):  # a full disk, a read-only store: the hash is right, just not kept
+            self._conn.execute(
+                "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (str(path), *self._signature(st), b3, sha),
+            )
 
     def close(self) -> None:
         self._conn.close()

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ from eulerbake.tools import versions
 from eulerbake.tools.run import recording
 
 DEFAULT_SOURCE_DATE_EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z, used when the recipe sets none
+SHARED_STORE_ENV = "EULERBAKE_SHARED_STORE"  # a store that a group of users writes to on purpose
 NO_REBUILD_CORRUPT_ENV = "EULERBAKE_NO_REBUILD_CORRUPT"  # fail instead of rebuilding a corrupted entry
 META_FIELDS = ("key", "name", "task", "manifest", "output")
 ENTRY_RE = re.compile(r"^(([0-9a-f]{32})-[A-Za-z0-9][A-Za-z0-9._+-]*?)(\.json|\.log)?$")
@@ -108,15 +110,40 @@ class Store:
         if self.root.exists() and not self.root.is_dir():
             raise EulerbakeError(f"the store {self.root} is not a directory",
                                  hint="point EULERBAKE_STORE at a directory (or unset it to use ./store)")
+        self._check_permissions()
+        if self.read_only:  # reads (store path, info, verify, a no-op doit) work; builds fail in `lock`
+            hashing.use_stat_cache(None)
+            versions.use_cache_file(None)
+            self._ready = True
+            return
         try:
             for sub in SUBDIRS:
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+                (self.root / sub).mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as exc:
             raise EulerbakeError(f"cannot create the store {self.root}: {exc.strerror}",
                                  hint="make the directory writable, or point EULERBAKE_STORE elsewhere") from exc
         hashing.use_stat_cache(self.root / ".cache" / "stat-cache.sqlite3")
         versions.use_cache_file(self.root / ".cache" / "tool-versions.json")
         self._ready = True
+
+    @property
+    def read_only(self) -> bool:
+        """The store exists but cannot be written here (a read-only mount, another user's store)."""
+        return self.root.is_dir() and not os.access(self.root, os.W_OK)
+
+    def _check_permissions(self) -> None:
+        """Refuse a store others could write into (they could plant entries), unless it is declared shared."""
+        if not self.root.is_dir():
+            return
+        mode = self.root.stat().st_mode
+        shared = os.environ.get(SHARED_STORE_ENV, "") not in ("", "0")
+        if mode & stat.S_IWOTH and not (shared and mode & stat.S_ISVTX):
+            raise EulerbakeError(f"the store {self.root} is writable by every user (mode {mode & 0o7777:04o})",
+                                 hint=f"chmod o-w {self.root}; a store shared by a group: chmod g+ws, and set "
+                                 f"{SHARED_STORE_ENV}=1")
+        if mode & stat.S_IWGRP and not shared:
+            raise EulerbakeError(f"the store {self.root} is writable by its group (mode {mode & 0o7777:04o})",
+                                 hint=f"chmod g-w {self.root}, or set {SHARED_STORE_ENV}=1 if the group shares it")
 
     def open_stat_cache(self) -> None:
         """Use this store's stat cache for hashing (creates the store if needed)."""
@@ -185,6 +212,9 @@ class Store:
              waiting: str = "") -> Iterator[None]:
         """flock `store/.locks/<key>.lock` (opened without following links and never truncated)."""
         self._ensure()
+        if self.read_only:
+            raise EulerbakeError(f"the store {self.root} is read-only here: nothing can be built or changed in it",
+                                 hint="point EULERBAKE_STORE at a writable store (a read-only one serves what it has)")
         path = self.root / ".locks" / f"{key}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
