@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,14 @@ class ToyProject:
             raise AssertionError(f"{module} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def doit(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
-        return self._run("doit", args, check, env)
+    def doit(self, *args: str, check: bool = True, environ: Mapping[str, str] | None = None, **env: str
+             ) -> subprocess.CompletedProcess[str]:
+        """`python -m doit ARGS` in the project, with `environ` and `env` added to the environment."""
+        return self._run("doit", args, check, {**(environ or {}), **env})
 
-    def eulerbake(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
-        return self._run("eulerbake.cli.main", args, check, env)
+    def eulerbake(self, *args: str, check: bool = True, environ: Mapping[str, str] | None = None, **env: str
+                  ) -> subprocess.CompletedProcess[str]:
+        return self._run("eulerbake.cli.main", args, check, {**(environ or {}), **env})
 
     def ran(self) -> list[str]:
         """Builders that ran since the last call (in order), then reset the trace."""

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = (str(project.root / "pyproject.toml"),)
         return int(DoitMain(ProjectLoader(project), config_filenames=config).run(args))
     except EulerbakeError as err:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {err}")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err}")
         return 2
 
 

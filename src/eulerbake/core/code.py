@@ -19,7 +19,9 @@ from eulerbake.core.errors import EulerbakeError
 
 # Failure messages never reach an output (a failed build commits nothing): not part of any key.
 NEUTRAL_MODULES = frozenset({"eulerbake.core.errors"})
-_IMPORT_RE = re.compile(r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import[ \t]+\(?([^)\n#]*)|import[ \t]+([\w., \t]+))", re.M)
+_IMPORT_RE = re.compile(
+    r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import[ \t]+(?:\(([^)]*)\)|([^\n#]*))|import[ \t]+([\w., \t]+))", re.M
+)
 
 
 @cache
@@ -47,7 +49,8 @@ def imported_modules(source: str, roots: frozenset[str], package: str) -> set[st
     """Modules under `roots` that `source` (of a module in `package`) imports, anywhere in the file."""
     found: set[str] = set()
     for match in _IMPORT_RE.finditer(source):
-        base, names, plain = match.groups()
+        base, parenthesised, names, plain = match.groups()
+        names = re.sub(r"#[^\n]*", "", parenthesised) if parenthesised is not None else names
         if plain is not None:
             candidates = [part.split()[0] for part in plain.split(",") if part.strip()]
         else:

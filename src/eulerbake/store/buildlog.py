@@ -8,10 +8,12 @@ It holds command lines, never the environment: credentials reach tools through t
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 from pathlib import Path
 
 from eulerbake.core.derivation import Node
+from eulerbake.core.errors import EulerbakeError
 from eulerbake.tools.run import Recorder
 
 
@@ -56,8 +58,18 @@ class BuildLog:
             lines.append(f"result: built in {seconds:.2f}s")
         else:
             lines.append(f"result: FAILED after {seconds:.2f}s")
-            lines += [f"  {line}" for line in (self.error or "interrupted").splitlines()]
+            lines += [f"  {line}" for line in (self.error or _handled_error() or "interrupted").splitlines()]
         return "\n".join(lines) + "\n"
 
     def write(self, path: Path, ok: bool) -> None:
+        """Write the log; a failed one written while its exception is handled says what that exception was."""
         path.write_text(self.render(ok))
+
+
+def _handled_error() -> str:
+    """The exception being handled, as the user sees it (the store refused the output after the builder
+    ran: an undeclared tool, an input edited mid-build, a secret in a receipt); "" for an interrupt."""
+    exc = sys.exc_info()[1]
+    if exc is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return ""
+    return str(exc) if isinstance(exc, EulerbakeError) else f"{type(exc).__name__}: {exc}"

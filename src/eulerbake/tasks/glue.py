@@ -44,13 +44,23 @@ class Blake3Checker(FileChangedChecker):  # type: ignore[misc]
         return (st.st_mtime, st.st_size, hashing.hash_file(Path(dep)))
 
 
+# (store root, key) of entries whose target said, in this process, that the resource is gone: the action
+# that follows the `uptodate` check republishes without asking the target a second time.
+_gone: set[tuple[str, str]] = set()
+
+
 def in_store(node: Node, store_root: str) -> bool:
     """doit `uptodate`: the output is current exactly when its key is in the store (and, for a
     publication, its target still has the resource). A key that cannot be computed (a tool is missing)
     is "not up to date": the action then fails with the message."""
     store = Store(Path(store_root))
     try:
-        return store.has(node) and node.confirm(store.path(node))
+        if not store.has(node):
+            return False
+        if node.confirm(store.path(node)):
+            return True
+        _gone.add((store_root, node.key))
+        return False
     except EulerbakeError:
         return False
 
@@ -67,7 +77,9 @@ def realise_task(node: Node, store_root: str) -> dict[str, Any] | TaskFailed:
     """doit action: realise `node`; a user error fails the task with its message (no traceback)."""
     store = Store(Path(store_root))
     try:
-        if store.has(node) and not node.confirm(store.path(node)):
+        gone = (store_root, node.key) in _gone
+        _gone.discard((store_root, node.key))
+        if store.has(node) and (gone or not node.confirm(store.path(node))):
             _stderr_log(f"{node.task_name}: the target no longer has the published resource; publishing again")
             store.delete(store.read_meta(store.meta_path(node)))
         result = store.realise(node, log=_stderr_log)

@@ -2,24 +2,40 @@
 
 graph: template ─┐
        tree ─────┴─ tarball ─ checksum ─┐
-       patch file ──────────────────────┴─ combine
+       patch file ──────────────────────┴─ combine ── publish (TOY_SERVICE_URL: the toy service)
        other file ── independent
        seed.bin (FixedOutput) ── seeded
+
+Switches the tests set: TOY_FAIL (a failing stage), TOY_STAMP (a stage whose module imports a helper),
+TOY_FAKETOOL / TOY_UNDECLARED (stages running external tools), TOY_GOLDEN (the pinned-manifest stages),
+TOY_BAD_PARAM (the graph fails to load), TOY_SERVICE_URL / TOY_SERVICE_TOKEN / TOY_RESOURCE /
+TOY_LEAK_SECRET / TOY_CREDENTIALS_BROKEN (the publication). The extra stage modules are loaded by
+name: the wiring below is not their builders' code (as in the real recipes, whose `__init__` holds
+no builder).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
+import json
 import os
 import tarfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import blake3
 import jinja2
 
-from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile, LocalTree
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile, LocalTree, Node
+from eulerbake.core.errors import EulerbakeError
+from eulerbake.core.publication import Publication
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -108,7 +124,85 @@ def _seed_source() -> FixedOutput:
     return FixedOutput("seed.bin", (str(HERE / "seed.bin"),), sha256, b3, int(size), label="toy:seed")
 
 
-def targets() -> list[Derivation]:
+class ToyPublisher:
+    """Publishes the release to the toy HTTP service (tests/engine/toyservice.py), tagged with the key.
+
+    The token comes from $TOY_SERVICE_TOKEN in `secrets()` only. TOY_LEAK_SECRET makes `create` a careless
+    publisher the engine must contain: `1` puts the token into the receipt (refused), `log` into a log
+    message and `error` into an exception's message (both masked).
+    """
+
+    def secrets(self, target: Mapping[str, Any]) -> Mapping[str, str]:
+        if os.environ.get("TOY_CREDENTIALS_BROKEN"):  # a credential chain failing with its library's exception
+            raise LookupError("the credential chain found no usable profile")
+        token = os.environ.get("TOY_SERVICE_TOKEN", "")
+        if not token:
+            raise EulerbakeError(f"no token for the toy service at {target['endpoint']}",
+                                 hint="set TOY_SERVICE_TOKEN")
+        return {"TOY_SERVICE_TOKEN": token}
+
+    @staticmethod
+    def _call(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never a proxy
+        try:
+            with opener.open(request, timeout=10) as response:
+                payload = response.read()
+                return response.status, json.loads(payload) if payload else None
+        except urllib.error.HTTPError as err:
+            return err.code, None
+
+    def find(self, ctx: BuildContext, target: Mapping[str, Any]) -> dict[str, Any] | None:
+        query = urllib.parse.urlencode({"tag": ctx.key})
+        status, found = self._call("GET", f"{target['endpoint']}/resources?{query}", ctx.secrets["TOY_SERVICE_TOKEN"])
+        if status != 200:
+            raise EulerbakeError(f"the toy service answered {status} to a search")
+        return {"id": found[0]["id"], "endpoint": target["endpoint"]} if found else None
+
+    def create(self, ctx: BuildContext, target: Mapping[str, Any]) -> dict[str, Any]:
+        token = ctx.secrets["TOY_SERVICE_TOKEN"]
+        leak = os.environ.get("TOY_LEAK_SECRET", "")
+        if leak == "log":
+            ctx.log(f"authenticating to {target['endpoint']} with {token}")
+        if leak == "error":
+            raise RuntimeError(f"the service did not like the credential {token}")
+        digest = hashlib.sha256((Path(ctx.inputs["release"]) / "release.txt").read_bytes()).hexdigest()
+        body = {"name": target["resource"], "tag": ctx.key, "digest": digest}
+        status, created = self._call("POST", f"{target['endpoint']}/resources", token, body)
+        if status != 201:
+            raise EulerbakeError(f"the toy service answered {status} to a create")
+        receipt = {"id": created["id"], "endpoint": target["endpoint"]}
+        if leak == "1":
+            receipt["auth"] = f"Bearer {token}"
+        _trace("publish")
+        return receipt
+
+    def exists(self, receipt: Mapping[str, Any], secrets: Mapping[str, str]) -> bool:
+        status, _ = self._call("GET", f"{receipt['endpoint']}/resources/{receipt['id']}", secrets["TOY_SERVICE_TOKEN"])
+        if status not in (200, 404):
+            raise EulerbakeError(f"the toy service answered {status} when asked for {receipt['id']}")
+        return status == 200
+
+    def remove(self, receipt: Mapping[str, Any], secrets: Mapping[str, str]) -> None:
+        status, _ = self._call("DELETE", f"{receipt['endpoint']}/resources/{receipt['id']}",
+                               secrets["TOY_SERVICE_TOKEN"])
+        if status not in (204, 404):
+            raise EulerbakeError(f"the toy service answered {status} to deleting {receipt['id']}")
+
+
+publisher = ToyPublisher()
+
+
+def _stage_module(name: str) -> Any:
+    return importlib.import_module(f"recipes.{name}")
+
+
+def targets() -> list[Node]:
+    if os.environ.get("TOY_BAD_PARAM"):
+        raise EulerbakeError(f"TOY_BAD_PARAM={os.environ['TOY_BAD_PARAM']!r} is not a valid toy parameter",
+                             hint="unset TOY_BAD_PARAM")
     template = Derivation("template", "toy", render_template, {"template": LocalFile(HERE / "templates/motd.j2")},
                           {"vars": {"greeting": os.environ.get("TOY_GREETING", "hello")}})
     tree = Derivation("tree", "toy", copy_tree, {"tree": LocalTree(HERE / "overlay")})
@@ -117,13 +211,29 @@ def targets() -> list[Derivation]:
     final = Derivation("combine", "toy", combine, {"checksum": checksum, "patch": LocalFile(HERE / "fix.patch")},
                        {"title": "toy release"})
     other = Derivation("independent", "toy", independent, {"other": LocalFile(HERE / "other.txt")})
-    result = [final, other]
+    result: list[Node] = [final, other]
     if (HERE / "seed.bin").exists():
         result.append(Derivation("seeded", "toy", seeded, {"seed": _seed_source()}))
     if os.environ.get("TOY_FAIL"):
         result.append(Derivation("broken", "toy", fail_loudly, {"tarball": tarball}))
+    if os.environ.get("TOY_STAMP"):
+        result.append(Derivation("stamp", "toy", _stage_module("stamps").stamp, {"motd": template},
+                                 {"title": "stamped"}))
+    if os.environ.get("TOY_FAKETOOL"):
+        result.append(Derivation("faketool", "toy", _stage_module("tooling").use_faketool, params={"word": "hello"},
+                                 tools=("faketool",)))
+    if os.environ.get("TOY_UNDECLARED"):
+        result.append(Derivation("undeclared", "toy", _stage_module("tooling").use_undeclared))
+    if os.environ.get("TOY_GOLDEN"):
+        result += _stage_module("golden").golden_targets()
+    url = os.environ.get("TOY_SERVICE_URL")
+    if url:
+        target = {"endpoint": url, "resource": os.environ.get("TOY_RESOURCE", "toy-release")}
+        result.append(Publication(stage="publish", label="toy", publisher=publisher, target=target,
+                                  inputs={"release": final}))
     return result
 
 
-def default_targets() -> list[Derivation]:
-    return targets()
+def default_targets() -> list[Node]:
+    """What a bare `doit` builds: every target but the publication (publishing is asked for by name)."""
+    return [node for node in targets() if not isinstance(node, Publication)]
