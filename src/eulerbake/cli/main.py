@@ -28,6 +28,7 @@ usage: eulerbake [--offline] [doit command] [TASK…]  build (default: the sampl
        eulerbake store why-rebuilt TASK       name the manifest fields that changed since the previous entry
        eulerbake store log TASK|KEY           the build log: commands run, tool versions, stderr tails
        eulerbake unpublish TASK               remove a publication's remote resource, then forget its receipt
+       eulerbake COMMAND …                    a command the project's recipes add (recipes.COMMANDS)
        eulerbake kmod check KO --kernel K     check a kernel module against a kernel (see --help)
        eulerbake lock [RELEASE…]              pin upstream sources into the lock file
 """
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from eulerbake.cli.lock import lock_main
 
             return lock_main(args[1:], project)
+        commands = getattr(project.recipes, "COMMANDS", {})
+        if args and args[0] in commands:  # commands the project's recipes add, e.g. `eulerbake user-data …`
+            return int(commands[args[0]](args[1:]))
         if args and args[0] == "unpublish":
             from eulerbake.cli.publish import unpublish_main
 
