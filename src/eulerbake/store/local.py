@@ -20,11 +20,11 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from eulerbake import __version__
 from eulerbake.core import hashing
@@ -50,7 +50,19 @@ _intact: set[tuple[str, str]] = set()
 class Realised:
     node: Node
     path: Path
-    built: bool  # False when the entry was already in the store
+    built: bool  # False when the entry was already in the store (or came from a substituter)
+    substituted: bool = False
+
+
+class Substituter(Protocol):
+    """Where an entry can come from instead of being built (a binary cache; see `store.substituters`)."""
+
+    url: str
+
+    def fetch(self, node: Node, out: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+        """Unpack `node`'s entry into `out` (a fresh directory to create) and return its verified metadata;
+        None when the cache does not have it. Raises EulerbakeError for an entry it refuses."""
+        ...
 
 
 def default_store_root(project: Path | None = None) -> Path:
@@ -99,8 +111,9 @@ def source_date_epoch(node: Node) -> int:
 class Store:
     """A content-addressed store rooted at `root` (created on demand)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, substituters: Sequence[Substituter] = ()) -> None:
         self.root = Path(root).absolute()
+        self.substituters = list(substituters)
         self._ready = False
 
     # -- layout -------------------------------------------------------------------------------
@@ -257,8 +270,29 @@ class Store:
             if self.has(node):  # another process finished it while we waited
                 return Realised(node, self.path(node), built=False)
             self._discard_leftovers(node)
+            for substituter in self.substituters:
+                if self._substitute(substituter, node, log):
+                    return Realised(node, self.path(node), built=False, substituted=True)
             self._build(node, log)
         return Realised(node, self.path(node), built=True)
+
+    def _substitute(self, substituter: Substituter, node: Node, log: Callable[[str], None]) -> bool:
+        """Try to fill `node`'s entry from a substituter (a cache); False when it has none or it is refused."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"{node.key}-", dir=self.root / ".tmp"))
+        try:
+            meta = substituter.fetch(node, tmp / "out", log)
+            if meta is None:
+                return False
+            extra = {k: v for k, v in meta.items() if k not in ("key", "name", "task", "kind", "manifest", "output")}
+            extra["substituted_from"] = substituter.url
+            self.commit(node, tmp, source_date_epoch(node), extra, expected_output_hash=meta["output"]["hash"])
+            log(f"{node.task_name}: substituted from {substituter.url}")
+            return True
+        except EulerbakeError as err:
+            log(f"{node.task_name}: not taken from {substituter.url}: {err.message}; building it instead")
+            return False
+        finally:
+            remove_tree(tmp)
 
     def _discard_leftovers(self, node: Node) -> None:
         remove_tree(self.path(node))
@@ -332,37 +366,14 @@ class Store:
             remove_tree(work)
             self._check_inputs_unchanged(node)
             node.check_output(out, ctx.secrets)
-            seal.seal(out, epoch)
-            known = node.known_output_hash()
-            if known is not None and isinstance(node, FixedOutput):
-                output_hash, hashes = known, {node.filename: node.blake3}
-            else:
-                output_hash, hashes = hashing.hash_tree_files(out)
-            (tmp / "seal.json").write_text(json.dumps(seal.record(out, hashes), sort_keys=True))
-            meta = {
-                "key": node.key,
-                "name": node.store_name,
-                "task": node.task_name,
-                "kind": node.kind,
-                "manifest": node.manifest,
-                "output": {"hash": output_hash, "size": hashing.tree_size(out)},
+            meta_extra = {
                 "tools": {tool: node.manifest.get("tools", {}).get(tool, "") for tool in sorted(recorder.tools)},
                 "built_at": int(started),
                 "build_seconds": round(time.time() - started, 3),
                 "built_by": {"engine": __version__, "host": socket.gethostname()},
             }
-            meta_tmp = tmp / "meta.json"
-            with meta_tmp.open("w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
             build_log.write(tmp / "build.log", ok=True)
-            os.rename(out, self.path(node))
-            os.rename(tmp / "seal.json", self.seal_path(node.key))
-            os.rename(meta_tmp, self.meta_path(node))  # the commit point
-            os.rename(tmp / "build.log", self.log_path(node))  # after it: never a log without its entry
-            self.failed_log_path(node).unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            self.commit(node, tmp, epoch, meta_extra, log_file=tmp / "build.log")
         except BaseException:
             try:
                 build_log.write(tmp / "build.log", ok=False)
@@ -372,6 +383,50 @@ class Store:
             raise
         finally:
             remove_tree(tmp)
+
+    def commit(self, node: Node, tmp: Path, epoch: int, meta_extra: dict[str, Any], *,
+               log_file: Path | None = None, expected_output_hash: str | None = None) -> None:
+        """Seal `tmp/out`, record it and commit it as `node`'s entry: the only way anything enters the store.
+
+        Builds and substitutions (a cache download unpacked into `tmp/out`) both end here: sealed, hashed
+        from disk, seal record, metadata, then renames — output, seal record, metadata (the commit point),
+        log. With `expected_output_hash` (what the cache says it holds) a different hash commits nothing.
+        """
+        out = tmp / "out"
+        seal.seal(out, epoch)
+        known = node.known_output_hash()
+        if known is not None and isinstance(node, FixedOutput) and expected_output_hash is None:
+            output_hash, hashes = known, {node.filename: node.blake3}
+        else:
+            output_hash, hashes = hashing.hash_tree_files(out)
+        if expected_output_hash is not None and output_hash != expected_output_hash:
+            raise EulerbakeError(
+                f"the output of {node.task_name} hashes to {output_hash[:16]}…, not the {expected_output_hash[:16]}… "
+                "it should; nothing was committed",
+                hint="the cache entry is corrupt or forged: remove it from the cache (eulerbake cache verify)",
+            )
+        (tmp / "seal.json").write_text(json.dumps(seal.record(out, hashes), sort_keys=True))
+        meta = {
+            "key": node.key,
+            "name": node.store_name,
+            "task": node.task_name,
+            "kind": node.kind,
+            "manifest": node.manifest,
+            "output": {"hash": output_hash, "size": hashing.tree_size(out)},
+            **meta_extra,
+        }
+        meta_tmp = tmp / "meta.json"
+        with meta_tmp.open("w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(out, self.path(node))
+        os.rename(tmp / "seal.json", self.seal_path(node.key))
+        os.rename(meta_tmp, self.meta_path(node))  # the commit point
+        if log_file is not None:
+            os.rename(log_file, self.log_path(node))  # after it: never a log without its entry
+        self.failed_log_path(node).unlink(missing_ok=True)
+        _fsync_dir(self.root)
 
     def _no_space(self, node: Node, tmp: Path) -> EulerbakeError:
         used = hashing.tree_size(tmp) if tmp.exists() else 0
