@@ -173,3 +173,52 @@ def test_builder_temp_files_stay_in_the_build(toy: ToyProject, tmp_path: Path) -
     finally:
         del os.environ["TMPDIR"]
     assert list(outer.iterdir()) == [] and [p.name for p in scratch.iterdir()] == ["ccXXXX.s"]
+
+
+CRASH_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from eulerbake.store.local import Store
+import recipes
+
+real_rename = os.rename
+calls = []
+
+def rename_then_die(src, dst, *args, **kwargs):
+    real_rename(src, dst, *args, **kwargs)
+    if str(dst).startswith({store!r}) and not str(dst).startswith({store!r} + "/."):
+        calls.append(dst)
+        if len(calls) == {after}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+os.rename = rename_then_die
+node = next(n for n in recipes.targets() if n.task_name == "independent:toy")
+Store(Path({store!r})).realise(node, log=lambda message: None)
+"""
+
+
+def test_a_crash_between_the_commit_renames_leaves_no_metadata_without_output(toy: ToyProject) -> None:
+    from tests.engine.test_store_safety import _assert_store_consistent
+
+    store = str(toy.store)
+    script = CRASH_BETWEEN_RENAMES.format(root=str(toy.root), store=store, after=1)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=toy.root, env=toy.env(), capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # killed right after the output directory was renamed into place
+    assert any(p.is_dir() for p in toy.store.glob("*-independent-toy"))
+    assert not list(toy.store.glob("*-independent-toy.json"))
+    assert "orphaned output" in toy.eulerbake("store", "verify", check=False).stdout
+    proc = toy.doit("independent:toy")
+    assert "1 built" in proc.stdout and toy.ran()[-1] == "independent"
+    _assert_store_consistent(toy.store)
+
+
+def test_verify_checks_the_manifest_against_the_key(toy: ToyProject) -> None:
+    toy.doit()
+    meta_file = next(toy.store.glob("*-combine-toy.json"))
+    meta = json.loads(meta_file.read_text())
+    meta["manifest"]["params"]["title"] = "edited"
+    os.chmod(meta_file, 0o644)
+    meta_file.write_text(json.dumps(meta))
+    proc = toy.eulerbake("store", "verify", check=False)
+    assert proc.returncode == 1 and "does not hash to the entry's key" in proc.stdout

@@ -36,7 +36,6 @@ from typing import IO, Any, TypeVar
 import blake3
 
 from eulerbake import __version__
-from eulerbake.core import hashing
 from eulerbake.core.derivation import BuildContext, FixedOutput
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.tools.units import human_size
@@ -514,15 +513,6 @@ def _mismatch_error(source: FixedOutput, problems: list[tuple[str, list[str]]]) 
         "\n".join(lines),
         hint="if upstream really changed, re-pin it with `eulerbake lock --update`; otherwise the mirror is bad",
     )
-
-
-def verify_pins(source: FixedOutput, path: Path, origin: str) -> None:
-    """Fail with expected and actual hashes when `path` does not match the source's pins."""
-    size = path.stat().st_size
-    b3, sha = hashing.hash_file_pair(path, use_cache=False)
-    wrong = pin_problems(source, size, sha, b3)
-    if wrong:
-        raise _mismatch_error(source, [(origin, wrong)])
 
 
 def downloads_dir(store_root: Path) -> Path:
