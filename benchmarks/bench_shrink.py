@@ -34,7 +34,7 @@ from eulerbake.core import hashing  # noqa: E402
 from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalTree  # noqa: E402
 from eulerbake.store.local import DEFAULT_SOURCE_DATE_EPOCH, Store, remove_tree  # noqa: E402
 from eulerbake.tools.run import run  # noqa: E402
-from recipes.image import build_raw, raw_image  # noqa: E402
+from recipes.stages import raw as raw_stage  # noqa: E402
 
 GIB = 1024**3
 BOOT_START, ROOT_START = 2048, 4194304  # sectors, as in the stock image
@@ -99,7 +99,7 @@ def _context(drv: Derivation, inputs: dict[str, Path], base: Path) -> BuildConte
     (base / "work").mkdir()
     return BuildContext(
         inputs=inputs,
-        params=dict(drv.params),
+        params=drv.params,
         out=base / "out",
         key=drv.key,
         work=base / "work",
@@ -131,7 +131,7 @@ def one_round(qcow2: Path, source: FixedOutput, drv: Derivation, base: Path) -> 
     raw_ctx = _context(drv, {"qcow2": qcow2, "overlay-00": overlay}, base / "raw")
     settle()
     started = time.perf_counter()
-    build_raw(raw_ctx)
+    raw_stage.build(raw_ctx)
     stages = time.perf_counter() - started
     disk_raw = raw_ctx.out / "disk.raw"
     allocated = disk_raw.stat().st_blocks * 512 / 2**20
@@ -163,7 +163,7 @@ def main() -> None:
         qcow2 = make_input(work, args.data_mib)
         b3, sha = hashing.hash_file_pair(qcow2, use_cache=False)
         source = FixedOutput(qcow2.name, (str(qcow2),), sha, b3, qcow2.stat().st_size, label="bench")
-        drv = raw_image("bench:x86_64", source, [LocalTree(REPO / "overlays" / "ena")], arch="x86_64")
+        drv = raw_stage.raw("bench:x86_64", source, [LocalTree(REPO / "overlays" / "ena")], arch="x86_64")
         print(f"input: {qcow2.name}, 40 GiB virtual, {qcow2.stat().st_size / 2**20:.0f} MiB qcow2")
 
         # Round 0 warms up: the machine's first touch of fresh memory costs far more than later ones.

@@ -33,7 +33,8 @@ from pathlib import Path
 from eulerbake.core.derivation import Derivation, FixedOutput
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.fetch.lock import LockFile, PinRequest
-from recipes.unpack import unpack
+
+from recipes.stages.unpack import unpack
 
 ARCHES = ("x86_64", "aarch64")
 DEFAULT_MIRROR = "https://repo.openeuler.org"

@@ -20,8 +20,9 @@ from eulerbake.core import hashing
 from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile, LocalTree
 from eulerbake.store.local import Store
 from eulerbake.tools.run import run, run_text
-from recipes.image import image_modules, raw_image
 from recipes.sample import sample_kernel_release, sample_qcow2
+from recipes.stages.image_modules import image_modules
+from recipes.stages.raw import raw
 
 REPO = Path(__file__).resolve().parents[2]
 ENA_OVERLAY = LocalTree(REPO / "overlays" / "ena")
@@ -59,7 +60,8 @@ def overlays_for(arch: str) -> list[Derivation | LocalTree]:
 def source_for(path: Path, label: str) -> FixedOutput:
     """A pinned FixedOutput for a local file (what the fetch stage would hand the image stages)."""
     b3, sha = hashing.hash_file_pair(path, use_cache=False)
-    return FixedOutput(filename=path.name, urls=(str(path),), sha256=sha, blake3=b3, size=path.stat().st_size, label=label)
+    return FixedOutput(filename=path.name, urls=(str(path),), sha256=sha, blake3=b3, size=path.stat().st_size,
+                       label=label)
 
 
 def store_listing(store: Store) -> list[str]:
@@ -166,7 +168,7 @@ def built(session_store: Store) -> Iterator[dict[str, Built]]:
     for arch in ARCHES:
         qcow2_drv = sample_qcow2(arch)
         qcow2_dir = session_store.realise(qcow2_drv, log=lambda _: None).path
-        drv = raw_image(f"sample:{arch}", qcow2_drv, overlays_for(arch), arch=arch)
+        drv = raw(f"sample:{arch}", qcow2_drv, overlays_for(arch), arch=arch)
         raw_dir = session_store.realise(drv, log=lambda _: None).path
         results[arch] = Built(arch, next(qcow2_dir.glob("*.qcow2")), drv, raw_dir)
     yield results

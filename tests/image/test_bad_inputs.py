@@ -13,8 +13,9 @@ from eulerbake.core.derivation import Derivation, FixedOutput
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store.local import Store
 from eulerbake.tools.run import run
-from recipes.image import image_modules, raw_image
 from recipes.sample import sample_kernel_release, sample_qcow2
+from recipes.stages.image_modules import image_modules
+from recipes.stages.raw import raw
 
 from .conftest import ENA_OVERLAY, Built, make_disk, module_overlay, source_for, store_listing, to_qcow2
 
@@ -22,7 +23,7 @@ DOS_TWO_PARTS = "label: dos\nunit: sectors\n\nstart=2048, size=129024, type=c\ns
 
 
 def _raw(label: str, qcow2: Derivation | FixedOutput, root_size: str = "6G") -> Derivation:
-    return raw_image(label, qcow2, [], root_size=root_size, arch="x86_64")
+    return raw(label, qcow2, [], root_size=root_size, arch="x86_64")
 
 
 def _fails_cleanly(store: Store, drv: Derivation, *patterns: str) -> EulerbakeError:
@@ -99,14 +100,14 @@ def test_root_size_smaller_than_used_space(session_store: Store, built: dict[str
 
 def test_disk_smaller_than_partitions(session_store: Store, built: dict[str, Built]) -> None:
     # /boot ends at 2 GiB and root is 6 GiB: a 7 GiB disk cannot hold them.
-    drv = raw_image("sample:x86_64", sample_qcow2("x86_64"), [ENA_OVERLAY], disk_size="7G", arch="x86_64")
+    drv = raw("sample:x86_64", sample_qcow2("x86_64"), [ENA_OVERLAY], disk_size="7G", arch="x86_64")
     err = _fails_cleanly(session_store, drv, "disk size 7 GiB is smaller than the partitions", "8 GiB")
     assert err.hint and "disk_size to at least 8G" in err.hint
 
 
 def test_module_for_another_kernel(session_store: Store, built: dict[str, Built]) -> None:
     wrong = module_overlay("5.10.0-60.18.0.50.oe2203.x86_64", built_for=sample_kernel_release())
-    drv = raw_image("sample:x86_64", sample_qcow2("x86_64"), [ENA_OVERLAY, wrong], arch="x86_64")
+    drv = raw("sample:x86_64", sample_qcow2("x86_64"), [ENA_OVERLAY, wrong], arch="x86_64")
     session_store.realise(wrong, log=lambda _: None)
     err = _fails_cleanly(
         session_store,
@@ -153,4 +154,4 @@ def test_image_modules_needs_a_root_filesystem(tmp_path: Path) -> None:
 def test_bad_parameters_fail_before_building(kwargs: dict[str, str], message: str) -> None:
     arguments: dict[str, Any] = {"arch": "x86_64", **kwargs}
     with pytest.raises(EulerbakeError, match=message):
-        raw_image("sample:x86_64", sample_qcow2("x86_64"), [], **arguments)
+        raw("sample:x86_64", sample_qcow2("x86_64"), [], **arguments)

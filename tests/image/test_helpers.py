@@ -11,14 +11,8 @@ from eulerbake.core.errors import EulerbakeError
 from eulerbake.fs import disk, ext4
 from eulerbake.store.local import Store
 from eulerbake.tools.run import run, run_text
-from recipes.image import (
-    edit_grub_defaults,
-    edit_kernel_command_lines,
-    harden_sshd_config,
-    lock_password,
-    raw_image,
-    read_attrs_manifest,
-)
+from recipes.stages.hygiene import edit_grub_defaults, edit_kernel_command_lines, harden_sshd_config, lock_password
+from recipes.stages.raw import raw, read_attrs_manifest
 
 from .conftest import debugfs_cat, debugfs_ls, e2fsck_clean, make_disk, source_for, to_qcow2
 
@@ -211,13 +205,12 @@ def test_shrink_moves_files_that_lie_beyond_the_new_end(tmp_path: Path) -> None:
 def test_raw_keeps_boot_code_of_a_hand_made_disk(tmp_path: Path) -> None:
     """MBR boot code and the gap before the first partition (GRUB's core.img) survive; /boot may be absent
     from the root filesystem's view and so may sshd_config, machine-id and cloud-init state."""
-    raw = tmp_path / "handmade.raw"
-    make_disk(
-        raw, "2G", "label: dos\nunit: sectors\n\nstart=2048, size=260096, type=83, bootable\nstart=262144, type=83\n"
-    )
+    disk_raw = tmp_path / "handmade.raw"
+    script = "label: dos\nunit: sectors\n\nstart=2048, size=260096, type=83, bootable\nstart=262144, type=83\n"
+    make_disk(disk_raw, "2G", script)
     boot_code = bytes(range(256)) + bytes(range(184))  # 440 bytes: the MBR's code area
     core_img = os.urandom(2047 * 512 - 4096) + b"\0" * 4096
-    with raw.open("r+b") as handle:
+    with disk_raw.open("r+b") as handle:
         handle.write(boot_code)
         handle.seek(512)
         handle.write(core_img)
@@ -228,7 +221,7 @@ def test_raw_keeps_boot_code_of_a_hand_made_disk(tmp_path: Path) -> None:
     root_tree.mkdir(parents=True)
     (root_tree / "os-release").write_text('NAME="openEuler"\nVERSION_ID="22.03"\n')
     (root_tree / "shadow").write_text("root:$6$a$b:1:0:99999:7:::\n")
-    run(["mkfs.ext4", "-q", "-E", f"offset={2048 * 512}", "-d", tmp_path / "boot", raw, "130048k"])
+    run(["mkfs.ext4", "-q", "-E", f"offset={2048 * 512}", "-d", tmp_path / "boot", disk_raw, "130048k"])
     run(
         [
             "mkfs.ext4",
@@ -237,14 +230,14 @@ def test_raw_keeps_boot_code_of_a_hand_made_disk(tmp_path: Path) -> None:
             f"offset={262144 * 512}",
             "-d",
             tmp_path / "root",
-            raw,
+            disk_raw,
             f"{(2 * 1024**3 - 262144 * 512) // 1024}k",
         ]
     )
-    qcow2 = to_qcow2(raw, tmp_path / "handmade.qcow2")
+    qcow2 = to_qcow2(disk_raw, tmp_path / "handmade.qcow2")
 
     store = Store(tmp_path / "store")
-    drv = raw_image(
+    drv = raw(
         "handmade:x86_64", source_for(qcow2, "handmade"), [], disk_size="1G", root_size="512M", arch="x86_64"
     )
     out = store.realise(drv, log=lambda _: None).path / "disk.raw"

@@ -12,10 +12,11 @@ import pytest
 from eulerbake.core import hashing
 from eulerbake.core.derivation import LocalTree
 from eulerbake.fs import disk
+from eulerbake.fs.partitions import find_root_partition
 from eulerbake.store.local import Store
 from eulerbake.tools.run import run, run_text
-from recipes.image import find_root_partition, raw_image
 from recipes.sample import AARCH64_KERNEL_RELEASE, sample_kernel_release, sample_qcow2
+from recipes.stages.raw import raw
 
 from .conftest import (
     ARCHES,
@@ -80,19 +81,19 @@ def test_shrink_keeps_every_file_and_has_the_requested_size(
     arch: str, session_store: Store, sample_raw: dict[str, Path], tmp_path: Path
 ) -> None:
     """Without overlays and hygiene the raw stage only shrinks: the root tree must be unchanged."""
-    plain = raw_image(f"sample:{arch}", sample_qcow2(arch), [], hygiene=False, arch=arch)
-    raw = session_store.realise(plain, log=lambda _: None).path / "disk.raw"
+    plain = raw(f"sample:{arch}", sample_qcow2(arch), [], hygiene=False, arch=arch)
+    disk_raw = session_store.realise(plain, log=lambda _: None).path / "disk.raw"
     number = ROOT_NUMBER[arch]
-    table = disk.read_partition_table(raw)
+    table = disk.read_partition_table(disk_raw)
     assert table.partition(number).length(table.sector_size) == 6 * GIB
-    spec = _spec(raw, number)
+    spec = _spec(disk_raw, number)
     e2fsck_clean(spec)
     dumpe2fs = run_text(["dumpe2fs", "-h", spec])
     fields = dict(re.findall(r"^(Block count|Block size|Total journal size):\s+(\S+)$", dumpe2fs, flags=re.MULTILINE))
     assert int(fields["Block count"]) * int(fields["Block size"]) == 6 * GIB
     stock = run_text(["dumpe2fs", "-h", _spec(sample_raw[arch], number)])
     assert f"Total journal size:       {fields['Total journal size']}" in stock  # journal made again, same size
-    assert disk.allocated_bytes(raw) < GIB  # sparse: the disk costs its data, not its size
+    assert disk.allocated_bytes(disk_raw) < GIB  # sparse: the disk costs its data, not its size
     original = snapshot(_spec(sample_raw[arch], number), tmp_path / "original")
     after = snapshot(spec, tmp_path / "shrunk")
     assert len(original) > 50
@@ -222,12 +223,12 @@ def test_hygiene_on_the_output_image(arch: str, built: dict[str, Built], sample_
 
 @pytest.mark.slow
 def test_hygiene_can_be_turned_off(built: dict[str, Built], session_store: Store) -> None:
-    drv = raw_image("sample:x86_64", sample_qcow2("x86_64"), [ENA_OVERLAY], hygiene=False, arch="x86_64")
+    drv = raw("sample:x86_64", sample_qcow2("x86_64"), [ENA_OVERLAY], hygiene=False, arch="x86_64")
     assert drv.key != built["x86_64"].raw_drv.key
-    raw = session_store.realise(drv, log=lambda _: None).path / "disk.raw"
-    spec = _spec(raw, 2)
+    disk_raw = session_store.realise(drv, log=lambda _: None).path / "disk.raw"
+    spec = _spec(disk_raw, 2)
     assert STOCK_ROOT_HASH in debugfs_cat(spec, "/etc/shadow").decode()
-    assert b" quiet " in debugfs_cat(_spec(raw, 1), "/grub2/grub.cfg")
+    assert b" quiet " in debugfs_cat(_spec(disk_raw, 1), "/grub2/grub.cfg")
     assert "ena.conf" in debugfs_ls(spec, "/etc/modules-load.d")
 
 
@@ -237,19 +238,19 @@ def test_keys_follow_inputs(tmp_path: Path) -> None:
     overlay.mkdir(parents=True)
     (overlay / "motd").write_text("hello\n")
     qcow2 = sample_qcow2("x86_64")
-    first = raw_image("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], arch="x86_64")
-    same = raw_image("sample:x86_64", sample_qcow2("x86_64"), [LocalTree(tmp_path / "overlay")], arch="x86_64")
+    first = raw("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], arch="x86_64")
+    same = raw("sample:x86_64", sample_qcow2("x86_64"), [LocalTree(tmp_path / "overlay")], arch="x86_64")
     assert first.key == same.key
     (overlay / "motd").write_text("changed\n")
-    changed = raw_image("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], arch="x86_64")
+    changed = raw("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], arch="x86_64")
     assert changed.key != first.key
-    resized = raw_image("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], root_size="5G", arch="x86_64")
+    resized = raw("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], root_size="5G", arch="x86_64")
     assert resized.key not in (first.key, changed.key)
     assert (
-        raw_image("sample:x86_64", qcow2, [], disk_size="9G", arch="x86_64").key
-        != raw_image("sample:x86_64", qcow2, [], arch="x86_64").key
+        raw("sample:x86_64", qcow2, [], disk_size="9G", arch="x86_64").key
+        != raw("sample:x86_64", qcow2, [], arch="x86_64").key
     )
-    unhygienic = raw_image("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], hygiene=False, arch="x86_64")
+    unhygienic = raw("sample:x86_64", qcow2, [LocalTree(tmp_path / "overlay")], hygiene=False, arch="x86_64")
     assert unhygienic.key not in (first.key, changed.key, resized.key)
 
 
@@ -262,7 +263,7 @@ def test_second_realise_builds_nothing(built: dict[str, Built], session_store: S
 @pytest.mark.parametrize("arch", ARCHES)
 def test_two_clean_builds_are_bit_identical(arch: str, built: dict[str, Built], tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    drv = raw_image(f"sample:{arch}", sample_qcow2(arch), overlays_for(arch), arch=arch)
+    drv = raw(f"sample:{arch}", sample_qcow2(arch), overlays_for(arch), arch=arch)
     assert drv.key == built[arch].raw_drv.key
     rebuilt = store.realise(drv, log=lambda _: None).path
     again_qcow2 = next(store.path(sample_qcow2(arch)).glob("*.qcow2"))

@@ -17,8 +17,8 @@ import pytest
 from eulerbake.core.derivation import BuildContext, Derivation, LocalFile, LocalTree
 from eulerbake.store.local import Realised, Store
 from eulerbake.tools.run import run
-from recipes import kmod as recipes_kmod
-from recipes.sample import sample_kernel_release
+from recipes.sample import debian_ena_chain, sample_kernel_release
+from recipes.stages.kmod_build import kmod_build
 
 # The host's Debian kernel (linux-headers-amd64 / linux-image-amd64 follow Debian's current ABI).
 KREL = sample_kernel_release()
@@ -104,7 +104,7 @@ def image_modules_derivation(label: str = LABEL) -> Derivation:
     return Derivation(
         stage="test-image-modules", label=label, builder=build_image_modules,
         inputs={rel.rsplit("/", 1)[-1]: LocalFile(MODULES_DIR / rel) for rel in IMAGE_MODULES},
-        params={"release": KREL, "modules": IMAGE_MODULES},
+        params={"release": KREL, "modules": IMAGE_MODULES}, tools=("depmod",),
     )
 
 
@@ -135,9 +135,9 @@ def kmod_builds(tmp_path_factory: pytest.TempPathFactory) -> KmodBuilds:
     """Build once per session: Debian headers, ENA from linux-source (patched), hello."""
     base = tmp_path_factory.mktemp("kmod")
     store = Store(base / "store")
-    chain = recipes_kmod.debian_ena_chain(LABEL, KREL)
+    chain = debian_ena_chain(LABEL, KREL)
     hello_source = write_hello_source(base / "hello-src")
-    hello = recipes_kmod.kmod_build(LABEL, source=LocalTree(hello_source), headers=chain["headers"], patches=[],
-                                    module="hello")
+    hello = kmod_build(LABEL, source=LocalTree(hello_source), headers=chain["headers"], patches=[],
+                       module="hello")
     realised = {role: store.realise(node, log=lambda _m: None) for role, node in [*chain.items(), ("hello", hello)]}
     return KmodBuilds(store, chain, hello, hello_source, realised)

@@ -26,7 +26,9 @@ from eulerbake.linux.module import read_module
 from eulerbake.linux.target import KernelTarget
 from eulerbake.store.local import Store
 from eulerbake.tools.run import run
-from recipes import kmod as recipes_kmod
+from recipes.stages.kernel_headers import kernel_headers
+from recipes.stages.kmod_build import kmod_build
+from recipes.stages.kmod_check import kmod_check
 from tests.kmod import modedit
 from tests.kmod.conftest import HELLO_C, LINUX_SOURCE, write_hello_source
 
@@ -107,16 +109,16 @@ def test_cross_built_module_gated_and_loaded_by_an_arm64_kernel(tmp_path_factory
     workdir = tmp_path_factory.mktemp("arm64")
     devel, obj = build_tiny_arm64_kernel(workdir)
     store = Store(workdir / "store")
-    headers = recipes_kmod.kernel_headers("tiny:aarch64", LocalTree(devel))
-    hello = recipes_kmod.kmod_build("tiny:aarch64", source=LocalTree(write_hello_source(workdir / "hello", HELLO_C)),
-                                    headers=headers, patches=[], module="hello", arch="aarch64")
-    assert hello.params["make_vars"]["CROSS_COMPILE"] == "aarch64-linux-gnu-"
-    overlay = store.realise(recipes_kmod.kmod_overlay("tiny:aarch64", hello, headers, None), log=lambda _m: None)
+    headers = kernel_headers("tiny:aarch64", LocalTree(devel))
+    hello = kmod_build("tiny:aarch64", source=LocalTree(write_hello_source(workdir / "hello", HELLO_C)),
+                       headers=headers, patches=[], module="hello", arch="aarch64")
+    assert hello.params.make_vars["CROSS_COMPILE"] == "aarch64-linux-gnu-"
+    overlay = store.realise(kmod_check("tiny:aarch64", hello, headers, None), log=lambda _m: None)
     release = (store.path(headers) / "kernel-release").read_text().strip()
     ko = overlay.path / "lib/modules" / release / "extra/hello.ko"
     module = read_module(ko)
     assert (module.arch, module.vermagic) == ("aarch64", f"{release} SMP mod_unload modversions aarch64")
-    assert "aarch64-linux-gnu-gcc" in hello.params["toolchain"]["cc"]
+    assert hello.manifest["tools"]["aarch64-linux-gnu-gcc"].split()[0].startswith("aarch64-linux-gnu-gcc")
 
     data = ko.read_bytes()
     cases = {

@@ -15,7 +15,10 @@ from eulerbake.core.errors import EulerbakeError
 from eulerbake.linux.module import read_module
 from eulerbake.store.local import Store
 from eulerbake.tools.run import run
-from recipes import kmod as recipes_kmod
+from recipes.sample import debian_ena_chain
+from recipes.stages.kernel_headers import kernel_headers
+from recipes.stages.kmod_build import apply_patch, kmod_build, patch_series
+from recipes.stages.kmod_check import kmod_check
 from tests.kmod import modedit
 from tests.kmod.conftest import (
     HELLO_C,
@@ -39,10 +42,12 @@ def test_ena_is_built_patched_and_cached(kmod_builds: KmodBuilds) -> None:
     assert ena.modinfo["version"] == ["2.1.0K"]
     assert ena.vermagic == f"{KREL} SMP preempt mod_unload modversions " and ena.arch == "x86_64"
     info = json.loads((kmod_builds.path("ko") / "build-info.json").read_text())
-    assert info["patches"] == [p.path.name for p in recipes_kmod.patch_series("ena-linux-6.1")]
-    assert info["toolchain"]["cc"] in kmod_builds.chain["ko"].params["toolchain"]["cc"]
-    # The compiler is part of the key: the manifest names it.
-    assert kmod_builds.chain["ko"].manifest["params"]["toolchain"]["cc"].startswith("gcc ")
+    assert info["patches"] == [p.path.name for p in patch_series("ena-linux-6.1")]
+    # The compiler and linker are the stage's tools: their versions are in the key, and the build records them.
+    tools = kmod_builds.chain["ko"].manifest["tools"]
+    # The version line of the binary gcc resolves to: "x86_64-linux-gnu-gcc-12 (Debian 12.2.0-14) 12.2.0".
+    assert "gcc" in tools["gcc"].split()[0] and tools["ld"].startswith("GNU ld ")
+    assert info["toolchain"] == {"cc": tools["gcc"], "ld": tools["ld"]}
     # Debug info is stripped and no build path survives in the module.
     data = kmod_builds.ena_ko.read_bytes()
     assert b".debug_info" not in data and str(kmod_builds.store.root).encode() not in data
@@ -62,17 +67,18 @@ def test_headers_tree_is_self_contained(kmod_builds: KmodBuilds) -> None:
     for link in (p for p in tree.rglob("*") if p.is_symlink()):
         assert link.resolve().is_relative_to(tree.resolve()), link
     # The key comes from dpkg's md5sums, not from hashing 16,000 files.
-    inputs = kmod_builds.chain["headers"].manifest["inputs"]
-    assert f"dpkg-linux-headers-{KREL}-md5sums" in inputs and "headers" not in inputs
+    headers = kmod_builds.chain["headers"].manifest["inputs"]["headers"]
+    assert headers["kind"] == "dpkg-headers" and "blake3" not in headers
+    assert set(headers["packages"][f"linux-headers-{KREL}"]) == {"root", "md5sums", "list"}
 
 
 def test_builds_are_reproducible_in_another_store(kmod_builds: KmodBuilds, tmp_path: Path) -> None:
     """Another store root (another path length): every output hashes the same."""
     other = Store(tmp_path / "a-different" / "store-location")
-    chain = recipes_kmod.debian_ena_chain(LABEL, KREL)
+    chain = debian_ena_chain(LABEL, KREL)
     hello_source = write_hello_source(tmp_path / "elsewhere" / "hello")
-    hello = recipes_kmod.kmod_build(LABEL, source=LocalTree(hello_source), headers=chain["headers"], patches=[],
-                                    module="hello")
+    hello = kmod_build(LABEL, source=LocalTree(hello_source), headers=chain["headers"], patches=[],
+                       module="hello")
     for role, node in [*chain.items(), ("hello", hello)]:
         built = other.realise(node, log=lambda _m: None)
         assert built.built
@@ -109,12 +115,12 @@ chmod -R u+w %{{buildroot}}
 
 def test_headers_from_a_kernel_devel_rpm(kmod_builds: KmodBuilds, tmp_path: Path) -> None:
     rpm = kernel_devel_rpm(kmod_builds.path("headers") / "build", tmp_path)
-    headers = recipes_kmod.kernel_headers("rpm:x86_64", LocalFile(rpm))
+    headers = kernel_headers("rpm:x86_64", LocalFile(rpm))
     realised = kmod_builds.store.realise(headers, log=lambda _m: None)
     info = json.loads((realised.path / "headers.json").read_text())
     assert (info["release"], info["origin"]) == (KREL, "kernel-devel.rpm")
-    hello = recipes_kmod.kmod_build("rpm:x86_64", source=LocalTree(kmod_builds.hello_source), headers=headers,
-                                    patches=[], module="hello")
+    hello = kmod_build("rpm:x86_64", source=LocalTree(kmod_builds.hello_source), headers=headers,
+                       patches=[], module="hello")
     built = kmod_builds.store.realise(hello, log=lambda _m: None).path / "hello.ko"
     # Same headers, other packaging: the module is byte for byte the one built against the dpkg tree.
     assert built.read_bytes() == kmod_builds.hello_ko.read_bytes()
@@ -122,7 +128,7 @@ def test_headers_from_a_kernel_devel_rpm(kmod_builds: KmodBuilds, tmp_path: Path
 
 def test_overlay_with_the_image_modules_goes_through_depmod(kmod_builds: KmodBuilds, tmp_path: Path) -> None:
     image = image_modules_derivation()
-    overlay = recipes_kmod.kmod_overlay(LABEL, kmod_builds.chain["ko"], kmod_builds.chain["headers"], image)
+    overlay = kmod_check(LABEL, kmod_builds.chain["ko"], kmod_builds.chain["headers"], image)
     out = kmod_builds.store.realise(overlay, log=lambda _m: None).path
     ko = out / "lib/modules" / KREL / "extra/ena.ko"
     assert ko.read_bytes() == kmod_builds.ena_ko.read_bytes()
@@ -143,14 +149,14 @@ def test_gate_failure_stops_the_build_and_strict_is_policy(kmod_builds: KmodBuil
     release_only.write_bytes(modedit.set_modinfo(kmod_builds.hello_ko.read_bytes(), "vermagic",
                                                  magic.replace(KREL, OTHER_KREL)))
     ko = file_derivation("release-only", release_only, "hello.ko", "hello")
-    strict = recipes_kmod.kmod_overlay("release-only", ko, kmod_builds.chain["headers"], None)
+    strict = kmod_check("release-only", ko, kmod_builds.chain["headers"], None)
     kmod_builds.store.realise(ko, log=lambda _m: None)
     before = store_snapshot(kmod_builds.store)
     with pytest.raises(EulerbakeError, match=r"(?s)policy \(strict\): built for release 6\.1\.0-99-amd64.*"
                        r"the kernel itself would load it"):
         kmod_builds.store.realise(strict, log=lambda _m: None)
     assert store_snapshot(kmod_builds.store) == before
-    relaxed = recipes_kmod.kmod_overlay("release-only", ko, kmod_builds.chain["headers"], None, strict=False)
+    relaxed = kmod_check("release-only", ko, kmod_builds.chain["headers"], None, strict=False)
     assert kmod_builds.store.realise(relaxed, log=lambda _m: None).built
 
 
@@ -169,16 +175,16 @@ def test_patch_that_does_not_apply_names_file_and_hunk(kmod_builds: KmodBuilds, 
     patch = tmp_path / "0001-wrong-context.patch"
     patch.write_text("--- a/hello.c\n+++ b/hello.c\n@@ -5,3 +5,3 @@ static int __init hello_init(void)\n"
                      " {\n-\tpr_info(\"hello: not what the file says\\n\");\n+\tpr_info(\"hi\\n\");\n \treturn 0;\n")
-    node = recipes_kmod.kmod_build("badpatch", source=LocalTree(kmod_builds.hello_source),
-                                   headers=kmod_builds.chain["headers"], patches=[LocalFile(patch)], module="hello")
+    node = kmod_build("badpatch", source=LocalTree(kmod_builds.hello_source),
+                      headers=kmod_builds.chain["headers"], patches=[LocalFile(patch)], module="hello")
     failing_build(kmod_builds.store, node, r"(?s)patch 0001-wrong-context\.patch does not apply:.*hello\.c: hunk #1 "
                   r"\(at line 5\) failed: @@ -5,3 \+5,3 @@ static int __init hello_init")
 
 
 def test_compiler_error_shows_the_end_of_the_log(kmod_builds: KmodBuilds, tmp_path: Path) -> None:
     source = write_hello_source(tmp_path / "broken", HELLO_C.replace("return 0;", "return undeclared_thing;"))
-    node = recipes_kmod.kmod_build("broken", source=LocalTree(source), headers=kmod_builds.chain["headers"],
-                                   patches=[], module="hello")
+    node = kmod_build("broken", source=LocalTree(source), headers=kmod_builds.chain["headers"],
+                      patches=[], module="hello")
     failing_build(kmod_builds.store, node, rf"(?s)building hello\.ko against kernel headers {re.escape(KREL)} failed.*"
                   r"hello\.c:\d+:\d+: error: .undeclared_thing. undeclared")
 
@@ -189,7 +195,7 @@ def test_headers_without_module_symvers_are_refused(kmod_builds: KmodBuilds, tmp
     (tree / "include/generated/utsrelease.h").write_text(f'#define UTS_RELEASE "{KREL}"\n')
     (tree / ".config").write_text((kmod_builds.path("headers") / "build/.config").read_text())
     (tree / "Makefile").write_text("# headers without Module.symvers\n")
-    node = recipes_kmod.kernel_headers("nosymvers", LocalTree(tree))
+    node = kernel_headers("nosymvers", LocalTree(tree))
     failing_build(kmod_builds.store, node, r"kernel headers .*/headers have no Module\.symvers: the kernel's symbol "
                   r"CRCs \(modversions\) cannot be known")
 
@@ -199,7 +205,7 @@ def test_a_ko_that_is_not_elf_or_not_for_this_arch_is_refused(kmod_builds: KmodB
     junk.write_text("#!/bin/sh\necho not a module\n")
     ko = file_derivation("junk", junk, "ena.ko", "ena")
     kmod_builds.store.realise(ko, log=lambda _m: None)
-    failing_build(kmod_builds.store, recipes_kmod.kmod_overlay("junk", ko, kmod_builds.chain["headers"], None),
+    failing_build(kmod_builds.store, kmod_check("junk", ko, kmod_builds.chain["headers"], None),
                   r"ena\.ko is not a kernel module: it is not an ELF file")
     arm = tmp_path / "arm.c"
     arm.write_text('static const char m[] __attribute__((section(".modinfo"), used)) = "name=ena";\n'
@@ -207,20 +213,20 @@ def test_a_ko_that_is_not_elf_or_not_for_this_arch_is_refused(kmod_builds: KmodB
     run(["aarch64-linux-gnu-gcc", "-c", "-o", tmp_path / "arm.ko", arm])
     ko = file_derivation("arm", tmp_path / "arm.ko", "ena.ko", "ena")
     kmod_builds.store.realise(ko, log=lambda _m: None)
-    failing_build(kmod_builds.store, recipes_kmod.kmod_overlay("arm", ko, kmod_builds.chain["headers"], None),
+    failing_build(kmod_builds.store, kmod_check("arm", ko, kmod_builds.chain["headers"], None),
                   rf"AArch64 ELF64 little-endian module \(aarch64\) but kernel {KREL} is x86_64")
 
 
 def test_definition_errors(tmp_path: Path) -> None:
     with pytest.raises(EulerbakeError, match="no patch series"):
-        recipes_kmod.patch_series("no-such-series")
+        patch_series("no-such-series")
     with pytest.raises(EulerbakeError, match="unknown architecture 'sparc'"):
-        recipes_kmod.kmod_build("x", source=LocalTree(tmp_path), patches=[], arch="sparc",
-                                headers=file_derivation("x", Path(__file__), "x", "x"))
+        kmod_build("x", source=LocalTree(tmp_path), patches=[], arch="sparc",
+                   headers=file_derivation("x", Path(__file__), "x", "x"))
     with pytest.raises(EulerbakeError, match="does not exist"):
-        recipes_kmod.kernel_headers("x", LocalTree(tmp_path / "missing"))
+        kernel_headers("x", LocalTree(tmp_path / "missing"))
     with pytest.raises(EulerbakeError, match=r"(?s)headers of kernel 9\.9\.9-none.*apt-get install linux-headers-9"):
-        recipes_kmod.debian_ena_chain("x", "9.9.9-none")
+        debian_ena_chain("x", "9.9.9-none")
 
 
 def test_module_from_a_pinned_tarball_in_amzn_drivers_layout(kmod_builds: KmodBuilds, tmp_path: Path) -> None:
@@ -238,8 +244,8 @@ def test_module_from_a_pinned_tarball_in_amzn_drivers_layout(kmod_builds: KmodBu
     b3, sha = hashing.hash_file_pair(tarball, use_cache=False)
     source = FixedOutput(filename=tarball.name, urls=(tarball.as_uri(),), sha256=sha, blake3=b3,
                     size=tarball.stat().st_size, label="hello-drivers")
-    node = recipes_kmod.kmod_build("tarball", source=source, headers=kmod_builds.chain["headers"], patches=[],
-                                   module="hello")
+    node = kmod_build("tarball", source=source, headers=kmod_builds.chain["headers"], patches=[],
+                      module="hello")
     built = kmod_builds.store.realise(node, log=lambda _m: None).path / "hello.ko"
     # Same source text, other packaging and place: the same module.
     assert built.read_bytes() == kmod_builds.hello_ko.read_bytes()
@@ -253,8 +259,8 @@ def test_amzn_drivers_series_is_a_well_formed_patch_for_the_ena_ops(kmod_builds:
     shutil.copytree(kmod_builds.path("source"), source)
     for path in source.iterdir():
         path.chmod(0o644)
-    for patch in recipes_kmod.patch_series("ena"):
-        recipes_kmod.apply_patch(patch.path, source)
+    for patch in patch_series("ena"):
+        apply_patch(patch.path, source)
     text = (source / "ena_ethtool.c").read_text()
     for op in ("get_coalesce", "set_coalesce", "get_ringparam", "set_ringparam"):
         assert f"= (void *)ena_{op}," in text

@@ -50,7 +50,8 @@ def test_dropped_connection_is_resumed_with_range(tmp_path: Path, mirror: Mirror
     assert [r.status for r in gets] == [200, 206, 206]
     assert all(r.if_range == MirrorServer.etag(data) for r in gets[1:])  # resumes are guarded by the validator
     assert sum(r.body_bytes for r in gets) == len(data)  # nothing was downloaded twice
-    assert sorted(store_entries(store)) == [result.path.name, result.path.name + ".json"]  # partial moved in
+    entry = result.path.name
+    assert sorted(store_entries(store)) == [entry, entry + ".json", entry + ".log"]  # partial moved in
 
 
 def test_partial_left_by_a_killed_run_is_continued(tmp_path: Path, mirror: MirrorServer) -> None:

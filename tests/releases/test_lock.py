@@ -7,14 +7,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import blake3
 import pytest
 
+import recipes
+from eulerbake.cli import lock as lock_cli
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.fetch import http as fetch
-from eulerbake.fetch.lock import LockFile, lock_main
+from eulerbake.fetch.lock import LockFile
 from eulerbake.store.local import Store
+from eulerbake.tasks.project import Project
 from recipes import releases
 
 from .conftest import MirrorServer
@@ -53,6 +57,21 @@ def project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     (root / "recipes").mkdir(parents=True)
     return root
+
+
+def lock_main(argv: list[str], project: Path) -> int:
+    """`eulerbake lock` in `project`: this repository's release recipes, the project's own lock file and store."""
+    here = Project(project)
+    here.recipes = SimpleNamespace(  # type: ignore[assignment]
+        pin_requests=recipes.pin_requests, LOCK_PATH=project / "recipes" / "sources.lock")
+    return lock_cli.lock_main(argv, here)
+
+
+def test_the_recipes_package_says_what_lock_pins() -> None:
+    """`eulerbake lock` asks the project's recipes package (recipes/__init__.py) what to pin, and where."""
+    repo = Path(__file__).resolve().parents[2]
+    hook, lock_path = lock_cli._project_pins(Project(repo))
+    assert hook is releases.pin_requests and lock_path == repo / "recipes" / "sources.lock"
 
 
 def pins(data: bytes) -> tuple[int, str, str]:

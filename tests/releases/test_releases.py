@@ -54,7 +54,7 @@ def test_cell_urls_follow_the_upstream_layout(rel: releases.Release) -> None:
 
     image = releases.qcow2_image(rel, EMPTY)
     assert image.task_name == f"unpack:{ver}:{arch}" and NAME_RE.match(image.name)
-    assert image.inputs["archive"] is not None and image.params["output"] == f"openEuler-{ver}-{arch}.qcow2"
+    assert image.inputs["archive"] is not None and image.params.output == f"openEuler-{ver}-{arch}.qcow2"
 
 
 @pytest.mark.parametrize("rel", releases.matrix(), ids=lambda rel: rel.label)

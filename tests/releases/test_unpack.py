@@ -16,7 +16,7 @@ from eulerbake.core.errors import EulerbakeError
 from eulerbake.fetch.lock import LockEntry, LockFile
 from eulerbake.store.local import Store
 from recipes import releases
-from recipes.unpack import unpack
+from recipes.stages.unpack import unpack
 
 
 def local_source(path: Path, label: str) -> FixedOutput:
@@ -30,7 +30,7 @@ def test_xz_qcow2_unpacks_reproducibly(tmp_path: Path, small_qcow2: Path) -> Non
     with compressed.open("wb") as out:
         subprocess.run(["xz", "-T1", "-c", str(small_qcow2)], stdout=out, check=True)
     image = unpack("test:x86_64", local_source(compressed, "test:x86_64:qcow2"))
-    assert image.task_name == "unpack:test:x86_64" and image.params["output"] == "openEuler-test-x86_64.qcow2"
+    assert image.task_name == "unpack:test:x86_64" and image.params.output == "openEuler-test-x86_64.qcow2"
 
     first = Store(tmp_path / "a").realise(image, log=lambda _m: None)
     second = Store(tmp_path / "b").realise(image, log=lambda _m: None)

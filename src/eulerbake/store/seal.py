@@ -21,10 +21,13 @@ from eulerbake.core import hashing
 
 
 def _load_libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
+    # libc.so.6 by name first: find_library runs `ldconfig -p`, a process on every doit run.
+    for name in ("libc.so.6", None):
+        try:
+            return ctypes.CDLL(name or ctypes.util.find_library("c"), use_errno=True)
+        except (OSError, TypeError):
+            continue
+    return None
 
 
 _libc = _load_libc()

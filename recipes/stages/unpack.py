@@ -1,4 +1,4 @@
-"""Decompression as its own cached stage: an `.xz` or `.gz` file in, the plain file out.
+"""Stage `unpack`: decompression as its own cached stage, an `.xz` or `.gz` file in, the plain file out.
 
 Kept apart from fetching so the compressed download stays the pinned, verified input and the
 decompressed file is an ordinary derivation (built once, reused by every stage that needs it).
@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput
@@ -20,6 +21,15 @@ from eulerbake.tools.run import run
 # suffix -> (format, suffix of the decompressed file)
 FORMATS = {".xz": ("xz", ""), ".gz": ("gz", ""), ".tgz": ("gz", ".tar"), ".txz": ("xz", ".tar")}
 COPY_CHUNK = 4 * 1024 * 1024
+# gzip is decompressed in Python: only xz archives run a tool.
+TOOLS = ("xz",)
+
+
+@dataclass(frozen=True)
+class Params:
+    format: str  # "xz" or "gz"
+    archive_name: str  # the compressed file (inside the input's output when the input is a derivation)
+    output: str  # the decompressed file's name
 
 
 def _format_of(filename: str) -> tuple[str, str]:
@@ -33,15 +43,16 @@ def _format_of(filename: str) -> tuple[str, str]:
     )
 
 
-def build_unpack(ctx: BuildContext) -> None:
+def build(ctx: BuildContext) -> None:
     """Decompress the input file into `ctx.out/<output>`."""
+    params: Params = ctx.params
     archive = Path(ctx.inputs["archive"])
     if archive.is_dir():  # the input is a derivation: its output directory holds the file
-        archive = archive / ctx.params["archive_name"]
-    output = ctx.out / ctx.params["output"]
-    ctx.log(f"decompressing {archive.name} ({ctx.params['format']})")
+        archive = archive / params.archive_name
+    output = ctx.out / params.output
+    ctx.log(f"decompressing {archive.name} ({params.format})")
     with output.open("wb") as out:
-        if ctx.params["format"] == "xz":
+        if params.format == "xz":
             run(["xz", "--decompress", "--stdout", "--threads=0", archive], stdout=out.fileno())
         else:
             try:
@@ -70,8 +81,9 @@ def unpack(
     return Derivation(
         stage="unpack",
         label=label,
-        builder=build_unpack,
+        builder=build,
         inputs={"archive": archive},
-        params={"format": fmt, "archive_name": name, "output": output or plain_name},
+        params=Params(format=fmt, archive_name=name, output=output or plain_name),
+        tools=TOOLS if fmt == "xz" else (),
         doc=doc or f"decompress {name}",
     )
