@@ -25,23 +25,32 @@ _IMPORT_RE = re.compile(
 
 
 @cache
-def module_file(name: str) -> Path | None:
-    """The source file of module `name`, or None when it is not a module with a .py source."""
+def _package_dir(top: str) -> Path | None:
+    """The directory of top-level package `top` (found once; submodules are then plain path joins)."""
     try:
-        spec = importlib.util.find_spec(name)
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(spec.origin)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@cache
+def module_file(name: str) -> Path | None:
+    """The source file of module `name` (under a package found on sys.path), or None."""
+    top, _, rest = name.partition(".")
+    folder = _package_dir(top)
+    if folder is None:
+        return None
+    base = folder.joinpath(*rest.split(".")) if rest else folder
+    for candidate in (base.with_suffix(".py") if rest else None, base / "__init__.py"):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
 
 
 def _is_module(name: str) -> bool:
-    parent, _, leaf = name.rpartition(".")
-    parent_file = module_file(parent) if parent else None
-    if parent_file is not None and parent_file.name == "__init__.py":
-        folder = parent_file.parent
-        return (folder / f"{leaf}.py").is_file() or (folder / leaf / "__init__.py").is_file()
     return module_file(name) is not None
 
 

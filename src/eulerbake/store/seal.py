@@ -100,28 +100,46 @@ def record(path: Path, hashes: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 def check(path: Path, sealed: dict[str, Any]) -> list[str]:
-    """How the tree at `path` differs from its seal record (empty when intact)."""
+    """How the tree at `path` differs from its seal record (empty when intact).
+
+    One pass of scandir, one lstat per regular file (directories and link types come from readdir's
+    d_type), compared field by field: ~16,500 entries in about 0.1-0.2 s here.
+    """
     expected: dict[str, list[Any]] = sealed.get("entries", {})
+    problems: list[str] = []
+    seen = 0
+    stack = [("", str(path))]
     try:
-        actual = _walk(path)
+        while stack:
+            prefix, directory = stack.pop()
+            with os.scandir(directory) as it:
+                for entry in it:
+                    relative = prefix + entry.name
+                    want = expected.get(relative)
+                    if want is None:
+                        problems.append(f"{relative}: not in the sealed entry")
+                        continue
+                    seen += 1
+                    kind = want[0]
+                    if kind == "f":
+                        st = entry.stat(follow_symlinks=False)
+                        if not stat.S_ISREG(st.st_mode):
+                            problems.append(f"{relative}: no longer a regular file")
+                        elif (st.st_size != want[1] or st.st_mtime_ns != want[2] or st.st_ino != want[3]
+                              or st.st_ctime_ns != want[4]) and (  # stats moved: the content decides
+                                st.st_size != want[1]
+                                or hashing.hash_file(Path(entry.path), use_cache=False) != want[5]):
+                            problems.append(f"{relative}: content changed since it was sealed")
+                    elif kind == "d":
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append((relative + "/", entry.path))
+                        else:
+                            problems.append(f"{relative}: no longer a directory")
+                    elif not entry.is_symlink() or os.readlink(entry.path) != want[1]:
+                        problems.append(f"{relative}: symlink changed")
     except OSError as exc:
         return [f"unreadable: {exc}"]
-    problems = [f"{relative}: not in the sealed entry" for relative in sorted(set(actual) - set(expected))]
-    problems += [f"{relative}: missing" for relative in sorted(set(expected) - set(actual))]
-    for relative, want in sorted(expected.items()):
-        entry = actual.get(relative)
-        if entry is None:
-            continue
-        st = entry.stat(follow_symlinks=False)
-        if want[0] == "f":
-            if not stat.S_ISREG(st.st_mode):
-                problems.append(f"{relative}: no longer a regular file")
-            elif _stats(st) != want[1:5] and (  # stats moved (a write, a touch, a copy back): the content decides
-                    st.st_size != want[1] or hashing.hash_file(Path(entry.path), use_cache=False) != want[5]):
-                problems.append(f"{relative}: content changed since it was sealed")
-        elif want[0] == "l":
-            if not stat.S_ISLNK(st.st_mode) or os.readlink(entry.path) != want[1]:
-                problems.append(f"{relative}: symlink changed")
-        elif not stat.S_ISDIR(st.st_mode):
-            problems.append(f"{relative}: no longer a directory")
+    if seen != len(expected):
+        present = set(_walk(path))
+        problems += [f"{relative}: missing" for relative in sorted(set(expected) - present)]
     return problems
