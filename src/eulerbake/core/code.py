@@ -17,8 +17,12 @@ from pathlib import Path
 from eulerbake.core import hashing
 from eulerbake.core.errors import EulerbakeError
 
-# Failure messages never reach an output (a failed build commits nothing): not part of any key.
-NEUTRAL_MODULES = frozenset({"eulerbake.core.errors"})
+# Not part of any key, and their imports not followed: failure messages never reach an output (a failed
+# build commits nothing), and the node model itself (how keys are made, BuildContext) is versioned by
+# `ENGINE_ABI` in core/derivation.py, bumped whenever a change there could change a builder's output; the
+# tool → package table only names packages in messages (tool versions are in each key's `tools`).
+NEUTRAL_MODULES = frozenset({"eulerbake.core.errors", "eulerbake.core.derivation", "eulerbake.core.code",
+                             "eulerbake.core.publication", "eulerbake.tools.packages"})
 _IMPORT_RE = re.compile(
     r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import[ \t]+(?:\(([^)]*)\)|([^\n#]*))|import[ \t]+([\w., \t]+))", re.M
 )
@@ -84,7 +88,7 @@ def _closure(module: str, roots: frozenset[str]) -> tuple[str, ...]:
     stack = [module]
     while stack:
         name = stack.pop()
-        if name in seen:
+        if name in seen or (name in NEUTRAL_MODULES and name != module):
             continue
         path = module_file(name)
         if path is None:
@@ -92,7 +96,7 @@ def _closure(module: str, roots: frozenset[str]) -> tuple[str, ...]:
         seen.add(name)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         stack.extend(imported_modules(path.read_text(), roots, package) - seen)
-    return tuple(sorted(seen - NEUTRAL_MODULES))
+    return tuple(sorted(seen))
 
 
 def code_identity(module: str) -> dict[str, str]:

@@ -28,7 +28,9 @@ from eulerbake.core import hashing
 from eulerbake.core.code import code_identity
 from eulerbake.core.errors import EulerbakeError
 
-# Bumped when the store layout or the manifest format changes: every key changes with it.
+# Bumped when the store layout, the manifest format or anything in this module a builder's output can
+# depend on (BuildContext.seed, say) changes: every key changes with it. This module is not in the keys'
+# code closures (see core/code.py), so editing it otherwise rebuilds nothing.
 ENGINE_ABI = 2
 KEY_LENGTH = 32  # hex digits of the blake3 key used in store paths (128 bits)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")

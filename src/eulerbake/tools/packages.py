@@ -53,6 +53,13 @@ TOOLS: dict[str, Tool] = {
     "cpio": Tool("cpio"),
     "rpm2cpio": Tool("rpm2cpio", None),
     "depmod": Tool("kmod"),
+    "packer": Tool("packer"),
+    "cloud-init": Tool("cloud-init"),
+    "ssh-keygen": Tool("openssh-client", None),
+    "mkfs.fat": Tool("dosfstools", None),
+    "xorriso": Tool("xorriso"),
+    "genisoimage": Tool("genisoimage"),
+    "mmdebstrap": Tool("mmdebstrap"),
 }
 
 
