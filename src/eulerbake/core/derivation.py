@@ -54,6 +54,7 @@ class BuildContext:
     source_date_epoch: int = 0
     cache: Path | None = None  # the store's cache directory (resumable downloads live there)
     secrets: Mapping[str, str] = field(default_factory=dict)  # publications only; never recorded anywhere
+    input_keys: dict[str, str] = field(default_factory=dict)  # store key of each node input, by input name
 
     def seed(self, purpose: str) -> bytes:
         """Deterministic 32 bytes for `purpose` (UUIDs, GUIDs, hash seeds), derived from the key."""

@@ -86,6 +86,9 @@ class Publication(Node):
     name: str = ""
     doc: str = ""
     tools: tuple[str, ...] = ()
+    # Nodes that must be realised first without being part of the key (a boot proof): changing how an image
+    # is checked must not publish it again. Their output paths are not given to the publisher.
+    after: tuple[Node, ...] = ()
     kind = "publication"
 
     def __post_init__(self) -> None:
@@ -106,7 +109,7 @@ class Publication(Node):
                 "inputs": input_manifest(self.inputs)}
 
     def dependencies(self) -> list[Node]:
-        return [value for value in self.inputs.values() if isinstance(value, Node)]
+        return [*(value for value in self.inputs.values() if isinstance(value, Node)), *self.after]
 
     def local_files(self) -> list[Path]:
         return local_input_files(self.inputs)

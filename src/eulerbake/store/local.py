@@ -333,6 +333,8 @@ class Store:
                 source_date_epoch=epoch,
                 cache=self.root / ".cache",
                 secrets=node.secrets(),
+                input_keys={name: value.key for name, value in getattr(node, "inputs", {}).items()
+                            if isinstance(value, Node)},
             )
             (work / ".tmp").mkdir()
             with recording(tmpdir=work / ".tmp") as recorder:
