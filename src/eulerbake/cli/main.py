@@ -17,8 +17,9 @@ from eulerbake.core.publication import OFFLINE_ENV
 from eulerbake.tasks.project import Project, find_project
 
 USAGE = """\
-usage: eulerbake [--offline] [doit command] [TASK…]  build (default: the sample), as `doit` would;
-                                              --offline trusts publication receipts without asking the target
+usage: eulerbake [--offline] [--push] [doit command] [TASK…]  build (default: the sample), as `doit` would;
+                                              --offline trusts publication receipts without asking the target;
+                                              --push uploads what was built to the cache afterwards
        eulerbake list|info|clean|forget …     doit's own commands over the project's tasks
        eulerbake store path TASK|KEY          print an output's store path
        eulerbake store info [TASK|KEY|PATH]   list entries, or show one entry's manifest and metadata
@@ -31,6 +32,7 @@ usage: eulerbake [--offline] [doit command] [TASK…]  build (default: the sampl
        eulerbake COMMAND …                    a command the project's recipes add (recipes.COMMANDS)
        eulerbake kmod check KO --kernel K     check a kernel module against a kernel (see --help)
        eulerbake lock [RELEASE…]              pin upstream sources into the lock file
+       eulerbake cache keygen|push|ls|info|verify|gc …   the shared binary cache (see `eulerbake cache -h`)
 """
 
 
@@ -48,14 +50,19 @@ class ProjectLoader(TaskLoader2):  # type: ignore[misc]
         return self.project.doit_config()
 
     def load_tasks(self, cmd: Any, pos_args: list[str]) -> list[Any]:
-        return list(generate_tasks("eulerbake", self.project.task_dicts(), "eulerbake derivations"))
+        # A command that runs tasks is planned against the caches; list, info, clean … ask no cache.
+        requested = [arg for arg in pos_args if "=" not in arg] if getattr(cmd, "execute_tasks", False) else None
+        return list(generate_tasks("eulerbake", self.project.task_dicts(requested), "eulerbake derivations"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--offline" in args[:1]:
-        args = args[1:]
-        os.environ[OFFLINE_ENV] = "1"
+    push = False
+    while args[:1] and args[0] in ("--offline", "--push"):
+        if args.pop(0) == "--push":
+            push = True
+        else:
+            os.environ[OFFLINE_ENV] = "1"
     try:
         if args and args[0] in ("-h", "--help"):
             print(USAGE)
@@ -64,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from eulerbake.cli.kmod import kmod_main
 
             return kmod_main(args[1:])
+        if args and args[0] == "cache":  # keygen needs no project; the others find it themselves
+            from eulerbake.cli.cache import cache_main
+
+            return cache_main(args[1:])
         project = Project(find_project())
         if args and args[0] == "store":
             from eulerbake.cli.store import store_main
@@ -81,7 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return unpublish_main(project, args[1:])
         config = (str(project.root / "pyproject.toml"),)
-        return int(DoitMain(ProjectLoader(project), config_filenames=config).run(args))
+        status = int(DoitMain(ProjectLoader(project), config_filenames=config).run(args))
+        if push and status == 0:
+            from eulerbake.cli.cache import push_after_build
+            from eulerbake.tasks.planning import requested_tasks
+
+            return push_after_build(project, requested_tasks(args) or [])
+        return status
     except EulerbakeError as err:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err}")
         return 2

@@ -260,6 +260,8 @@ class Store:
             with self.lock(GC_LOCK, log, shared=True, waiting="waiting for `eulerbake store gc` to finish"):
                 return self.realise(node, log, set())
         seen = _seen
+        if self.has(node):  # a committed entry needs nothing below it (a cache hit may have cut its inputs)
+            return Realised(node, self.path(node), built=False)
         for dep in node.dependencies():
             if dep.key not in seen:
                 self.realise(dep, log, seen)
@@ -275,6 +277,15 @@ class Store:
                     return Realised(node, self.path(node), built=False, substituted=True)
             self._build(node, log)
         return Realised(node, self.path(node), built=True)
+
+    def substitute(self, node: Node, log: Callable[[str], None] = print) -> bool:
+        """Fill `node`'s entry from the substituters without realising its inputs (a planned cache hit);
+        False when none has it or every one was refused."""
+        with self.lock(node.key, on_wait=log):
+            if self.has(node):
+                return True
+            self._discard_leftovers(node)
+            return any(self._substitute(substituter, node, log) for substituter in self.substituters)
 
     def _substitute(self, substituter: Substituter, node: Node, log: Callable[[str], None]) -> bool:
         """Try to fill `node`'s entry from a substituter (a cache); False when it has none or it is refused."""

@@ -85,7 +85,7 @@ def realise_task(node: Node, store_root: str) -> dict[str, Any] | TaskFailed:
         result = store.realise(node, log=_stderr_log)
     except EulerbakeError as err:
         return TaskFailed(str(err))
-    return {"path": str(result.path), "built": result.built}
+    return {"path": str(result.path), "built": result.built, "substituted": result.substituted}
 
 
 def remove_entry(node: Node, store_root: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from eulerbake.core.derivation import Node
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store.local import Store, default_store_root
+from eulerbake.store.substituters import CacheSettings, caches_for
 from eulerbake.tasks.glue import doit_config, task_dict, unique_nodes
 
 
@@ -56,7 +57,9 @@ class Project:
 
     def __init__(self, root: Path, store: Store | None = None) -> None:
         self.root = root.absolute()
-        self.store = store or Store(default_store_root(self.root))
+        with graph_errors():  # a bad [tool.eulerbake] is one message, like a bad recipe
+            self.cache_settings = CacheSettings.load(self.root)
+            self.store = store or Store(default_store_root(self.root), substituters=caches_for(self.cache_settings))
 
     @cached_property
     def recipes(self) -> ModuleType:
@@ -91,13 +94,25 @@ class Project:
         with graph_errors():
             return doit_config(self.store, [node.task_name for node in self.default_targets])
 
-    def task_dicts(self) -> Iterator[dict[str, Any]]:
-        """Group tasks (one per stage) first, then one task per node."""
-        with graph_errors():
-            yield from self._task_dicts()
+    def task_dicts(self, requested: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Group tasks (one per stage) first, then one task per node.
 
-    def _task_dicts(self) -> Iterator[dict[str, Any]]:
+        With caches configured and a doit command that runs tasks, the tasks are planned (see
+        `tasks.planning`): `requested` are the command line's task names (the eulerbake CLI passes them;
+        under plain `doit` they are read from sys.argv).
+        """
+        with graph_errors():
+            yield from self._task_dicts(requested)
+
+    def _task_dicts(self, requested: list[str] | None = None) -> Iterator[dict[str, Any]]:
         dicts = [task_dict(node, self.store) for node in self.nodes]
+        if self.store.substituters:
+            from eulerbake.tasks import planning
+
+            if requested is None and Path(sys.argv[0]).name in ("doit", "__main__.py") and "doit" in sys.argv[0]:
+                requested = planning.requested_tasks(sys.argv[1:])
+            if requested is not None:
+                dicts = planning.plan_dicts(self, dicts, self.cache_settings, requested)
         stage_docs: dict[str, str] = {}
         for node, entry in zip(self.nodes, dicts, strict=True):
             if node.kind == "fixed-output":

@@ -27,6 +27,7 @@ class RichReporter:
         self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
         self.options = options
         self.rows: dict[str, tuple[str, str]] = {}  # task name -> (status, store path)
+        self.seconds: dict[str, float] = {}  # task name -> seconds its action took (built or substituted)
         self.failures: list[tuple[str, str]] = []
         self.started: dict[str, float] = {}
         self.total = 0
@@ -69,9 +70,14 @@ class RichReporter:
             return
         self.done += 1
         built = bool(task.values.get("built")) if task.values else True
+        substituted = bool(task.values.get("substituted")) if task.values else False
         seconds = time.monotonic() - self.started.get(task.name, time.monotonic())
-        self.rows[task.name] = ("built" if built else "cached", self._store_path(task))
-        verb = f"built in {seconds:.1f}s" if built else "found in store"
+        status = "substituted" if substituted else "built" if built else "cached"
+        self.rows[task.name] = (status, self._store_path(task))
+        if built or substituted:
+            self.seconds[task.name] = seconds
+        verb = {"built": f"built in {seconds:.1f}s", "substituted": f"substituted from a cache in {seconds:.1f}s",
+                "cached": "found in store"}[status]
         self.console.print(f"[bold green]✔[/] {task.name} [dim]{verb}[/]")
         self._progress(f"[{self.done}/{self.total}] …")
 
@@ -116,13 +122,20 @@ class RichReporter:
         table.add_column("task")
         table.add_column("store path", no_wrap=True)
         table.add_column("size", justify="right")
+        table.add_column("time", justify="right")
         table.add_column("status")
-        styles = {"built": "green", "cached": "dim", "FAILED": "bold red", "ignored": "yellow"}
+        styles = {"built": "green", "substituted": "cyan", "cached": "dim", "FAILED": "bold red", "ignored": "yellow"}
         for name, (status, path) in self.rows.items():
-            table.add_row(name, _display_path(path), _entry_size(path), f"[{styles.get(status, '')}]{status}[/]")
+            took = f"{self.seconds[name]:.1f}s" if name in self.seconds else "-"
+            table.add_row(name, _display_path(path), _entry_size(path), took, f"[{styles.get(status, '')}]{status}[/]")
         self.console.print(table)
-        counts = {status: sum(1 for s, _ in self.rows.values() if s == status) for status in ("built", "cached")}
+        counts = {status: sum(1 for s, _ in self.rows.values() if s == status)
+                  for status in ("built", "substituted", "cached")}
         summary = f"{counts['built']} built, {counts['cached']} cached"
+        if counts["substituted"]:
+            fetched = sum(_entry_bytes(path) for s, path in self.rows.values() if s == "substituted")
+            fetching = sum(self.seconds.get(name, 0.0) for name, (s, _) in self.rows.items() if s == "substituted")
+            summary += f", {counts['substituted']} substituted ({human_size(fetched)} in {fetching:.1f}s)"
         if self.failures:
             summary += f", {len(self.failures)} failed"
         elapsed = time.monotonic() - self.run_started
@@ -142,3 +155,12 @@ def _entry_size(path: str) -> str:
             return human_size(int(json.load(f)["output"]["size"]))
     except (OSError, ValueError, KeyError):
         return "-"
+
+
+def _entry_bytes(path: str) -> int:
+    """Bytes a substituted entry brought over the wire (its archive), 0 when unknown."""
+    try:
+        with open(f"{path}.json") as f:
+            return int(json.load(f)["substitution"]["archive_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
