@@ -12,7 +12,8 @@ plus one source shared by all cells: the amzn-drivers ENA source tarball (a GitH
 
 Mirrors come from `EULERBAKE_MIRRORS` (comma or space separated, tried in order; `file:///path` for
 air-gapped sites holding a copy of the same layout), default `https://repo.openeuler.org`. Pins come
-from `recipes/sources.lock`, written by `eulerbake lock`: an unpinned source cannot be fetched.
+from `recipes/sources.lock`, written by `eulerbake lock` for the sources a cell's stages reach (`pin_requests`
+is the catalogue it picks from): an unpinned source cannot be fetched.
 
 The per-release facts are *expected* values, taken from systems running each release: the build reads
 the real kernel release from the image's /usr/lib/modules and the kernel-module gate refuses a
@@ -247,7 +248,13 @@ def qcow2_image(rel: Release, lock: LockFile | None = None) -> Derivation:
 
 
 def pin_requests(releases: Sequence[str] | None = None, arches: Sequence[str] | None = None) -> list[PinRequest]:
-    """What `eulerbake lock` pins: three sources per cell, plus the ENA tarball when no release is named."""
+    """Every source `eulerbake lock` can pin for these cells (default: all), the ENA tarball included.
+
+    This is the catalogue, not what gets pinned: `eulerbake lock` pins the sources its targets reach
+    (recipes.lock_targets) and the ones named on its command line, each with the request made here (the
+    candidate locations whatever the lock says, and upstream's checksum convention). The DVD ISO is here for
+    the stages that will need it (MAAS Packer); no stage does yet, so only naming it pins it.
+    """
     empty = LockFile(LOCK_PATH)  # candidate locations only; lock_main decides what is already pinned
     requests = []
     for rel in matrix(releases, arches):
@@ -255,6 +262,5 @@ def pin_requests(releases: Sequence[str] | None = None, arches: Sequence[str] | 
         requests.append(PinRequest(f"{rel.label}:iso", iso_source(rel, empty), CHECKSUM_SUFFIX))
         # Upstream publishes checksums for single RPMs only inside the repodata; the lock records what was fetched.
         requests.append(PinRequest(f"{rel.label}:kernel-devel", kernel_devel_source(rel, empty)))
-    if not releases:
-        requests.append(PinRequest(ENA_LOCK_ID, ena_source(empty)))
+    requests.append(PinRequest(ENA_LOCK_ID, ena_source(empty)))
     return requests

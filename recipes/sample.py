@@ -18,6 +18,7 @@ from pathlib import Path
 from eulerbake.core.derivation import Derivation, LocalFile, LocalTree
 from eulerbake.core.errors import EulerbakeError
 
+from recipes import config
 from recipes.stages.ena_source import ena_source
 from recipes.stages.image_modules import image_modules
 from recipes.stages.kernel_headers import DpkgHeaders, kernel_headers
@@ -28,6 +29,9 @@ from recipes.stages.raw import raw
 
 ENA_OVERLAY = Path(__file__).resolve().parent.parent / "overlays" / "ena"
 ARCHES = ("x86_64", "aarch64")
+# ena = "auto": the ENA module is built where the host has the kernel for it (x86_64: Debian's headers and
+# linux-source); the aarch64 sample gets the driver settings only.
+ENA_MODULE_ARCHES = ("x86_64",)
 AARCH64_KERNEL_RELEASE = "5.10.0-60.18.0.50.oe2203.aarch64"
 LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
 
@@ -79,22 +83,35 @@ def debian_ena_chain(label: str, kernel_release: str, image_modules: Derivation 
 
 
 def sample_targets() -> list[Derivation]:
-    """raw:sample:x86_64 (with a real ENA ko built against the host kernel) and raw:sample:aarch64."""
-    return list(_sample_targets())
+    """raw:sample:x86_64 (with a real ENA ko built against the host kernel) and raw:sample:aarch64.
+
+    Their settings (sizes, ena, hygiene) come from the project's config, release `sample`.
+    """
+    return list(_sample_targets(*(config.cell_settings(config.SAMPLE, arch) for arch in ARCHES)))
 
 
 # targets() and default_targets() both ask for the sample: handing out the same objects means the task
 # graph never has to compare two keys to see they are one node (and computing a key runs tools).
 @functools.cache
-def _sample_targets() -> tuple[Derivation, ...]:
+def _sample_targets(*settings: config.CellSettings) -> tuple[Derivation, ...]:
     targets = []
-    for arch in ARCHES:
+    for arch, cell in zip(ARCHES, settings, strict=True):
         label = f"sample:{arch}"
         image = sample_qcow2(arch)
-        overlays: list[Derivation | LocalTree] = [LocalTree(ENA_OVERLAY)]
-        if arch == "x86_64":
+        overlays: list[Derivation | LocalTree] = []
+        if cell.ena == "on" and arch not in ENA_MODULE_ARCHES:
+            origin = cell.get("ena").origin
+            raise EulerbakeError(
+                f"ena = on for {label} (from {origin}): the {arch} sample cannot carry an ENA module (the build "
+                "host has no kernel of that architecture to build it for)",
+                hint=f'set ena = "auto" or "off" for it: {config.key_path(*config.TABLE, "release", "sample", arch)} '
+                "in pyproject.toml",
+            )
+        if cell.ena != "off":
+            overlays.append(LocalTree(ENA_OVERLAY))  # modprobe/modules-load/depmod settings for the driver
+        if cell.ena_module(ENA_MODULE_ARCHES):
             modules = image_modules(label, image)
             chain = debian_ena_chain(label, sample_kernel_release(), image_modules=modules)
             overlays.append(chain["overlay"])
-        targets.append(raw(label, image, overlays, arch=arch))
+        targets.append(raw(label, image, overlays, arch=arch, **cell.raw_params()))
     return tuple(targets)

@@ -4,7 +4,8 @@ Root's known password locked (the stock image ships `openEuler12#$`), the machin
 state dropped, root and password logins over ssh refused, and the kernel command line edited for a serial
 console (`quiet`/`rhgb` out, `console=<tty>,115200n8` and `rd.multipath=0` in) in every grub.cfg found and in
 /etc/default/grub, so a later grub2-mkconfig keeps the change. The text edits are pure functions of the
-file's text, tested on their own; `apply_hygiene` applies them inside the image.
+file's text, tested on their own; `apply_hygiene` applies them inside the image, each item (`ITEMS`) on or
+off as the user's config says (recipes/config.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ KERNEL_ARGS_REMOVED = ("quiet", "rhgb")
 ROOT_LOCKED = "!!"  # shadow's "locked, no password": nothing a known password could match
 # Where openEuler keeps a grub.cfg on the root filesystem itself (BIOS, and the UEFI vendor directory).
 ROOT_GRUB_CONFIGS = ("/boot/grub2/grub.cfg", "/boot/efi/EFI/openEuler/grub.cfg")
+# The items a user can turn on or off one by one (`hygiene.<item>` in [tool.eulerbake], recipes/config.py).
+ITEMS = ("root_password", "machine_id", "cloud_init_state", "sshd", "serial_console")
 
 
 def lock_password(shadow: str, user: str = "root") -> str:
@@ -108,33 +111,48 @@ def edit_grub_defaults(text: str, remove: Sequence[str], add: Sequence[str]) -> 
 
 
 def apply_hygiene(
-    root: ext4.Ext4Image, boot_filesystems: Sequence[BootFilesystem], *, serial_console: str
+    root: ext4.Ext4Image,
+    boot_filesystems: Sequence[BootFilesystem],
+    *,
+    serial_console: str,
+    items: Sequence[str] = ITEMS,
 ) -> list[str]:
     """Make a stock cloud image safe to publish; returns what was changed, one line each.
 
-    Locks root's known password, empties the machine id, drops cloud-init state, forbids root and
-    password logins over ssh, and puts the kernel log on the serial console.
+    Each of `items` (default: all of ITEMS) is one step: lock root's known password (`root_password`),
+    empty the machine id (`machine_id`), drop cloud-init state (`cloud_init_state`), forbid root and
+    password logins over ssh (`sshd`), put the kernel log on the serial console (`serial_console`).
     """
+    if unknown := [item for item in items if item not in ITEMS]:
+        raise EulerbakeError(f"unknown hygiene item(s) {', '.join(unknown)}", hint=f"use {', '.join(ITEMS)}")
     changes = []
-    for shadow in ("/etc/shadow", "/etc/shadow-"):
+    for shadow in ("/etc/shadow", "/etc/shadow-") if "root_password" in items else ():
         if root.exists(shadow):
             text = root.read_file(shadow).decode()
             locked = lock_password(text)
             if locked != text:
                 root.write_file(shadow, locked.encode())
                 changes.append(f"{shadow}: root password locked")
-    if root.lstat("/etc/machine-id") is not None:
-        root.write_file("/etc/machine-id", b"")
-    else:
-        root.write_file("/etc/machine-id", b"", ext4.FileAttrs(0o444))
-    changes.append("/etc/machine-id: emptied (systemd generates a new id on first boot)")
-    if root.remove("/var/lib/cloud"):
+    if "machine_id" in items:
+        if root.lstat("/etc/machine-id") is not None:
+            root.write_file("/etc/machine-id", b"")
+        else:
+            root.write_file("/etc/machine-id", b"", ext4.FileAttrs(0o444))
+        changes.append("/etc/machine-id: emptied (systemd generates a new id on first boot)")
+    if "cloud_init_state" in items and root.remove("/var/lib/cloud"):
         changes.append("/var/lib/cloud: removed (cloud-init runs afresh on first boot)")
     sshd = "/etc/ssh/sshd_config"
-    if root.exists(sshd):
+    if "sshd" in items and root.exists(sshd):
         root.write_file(sshd, harden_sshd_config(root.read_file(sshd).decode()).encode())
         changes.append(f"{sshd}: PermitRootLogin no, PasswordAuthentication no")
+    if "serial_console" in items:
+        changes += _serial_console(root, boot_filesystems, serial_console)
+    return changes
 
+
+def _serial_console(root: ext4.Ext4Image, boot_filesystems: Sequence[BootFilesystem], serial_console: str) -> list[str]:
+    """The kernel command line edited in every grub.cfg found, and in /etc/default/grub."""
+    changes = []
     add = [f"console={serial_console},115200n8", "rd.multipath=0"]
     configs = [GrubConfig(f"root:{path}", root, None, path) for path in ROOT_GRUB_CONFIGS if root.exists(path)]
     for boot in boot_filesystems:
@@ -151,7 +169,8 @@ def apply_hygiene(
         raise EulerbakeError(
             "no grub.cfg with a kernel command line found (looked for grub2/grub.cfg and EFI/<vendor>/grub.cfg "
             "on /boot, the EFI system partition and the root filesystem)",
-            hint="the serial console cannot be enabled; check the image, or build with hygiene=False",
+            hint="the serial console cannot be enabled; check the image, or turn the item off in pyproject.toml: "
+            'tool.eulerbake.defaults.hygiene.serial_console = "off" (or per release, see `eulerbake config show`)',
         )
     if root.exists("/etc/default/grub"):
         text = root.read_file("/etc/default/grub").decode()

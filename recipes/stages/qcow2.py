@@ -6,6 +6,11 @@ with very little data in it: the root skeleton in `sample-root/`, the host's rea
 (a few) and vmlinuz, and openEuler's known root password. Demos and tests run on it offline.
 Made with `mkfs.ext4 -d` from a staging tree (owners, modes and SELinux labels then set with debugfs),
 mkfs.vfat + mcopy for the ESP, sfdisk for the table and `qemu-img convert` to qcow2: a few MiB of data.
+
+`mkfs.ext4 -d` copies the staging tree's modes, so every staged entry gets an explicit mode (directories
+0755, files 0644, or 0755 when the skeleton's file is executable) whatever the caller's umask: under
+umask 077 the tree would otherwise carry 0700 directories and 0600 files (71 inodes of the x86_64 sample),
+other bytes under the same key.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ SYMLINKS = {
     "lib64": "usr/lib64",
     "var/lib/cloud/instance": "/var/lib/cloud/instances/iid-datasource-none",
 }
+DIR_MODE, FILE_MODE, EXECUTABLE_MODE = 0o755, 0o644, 0o755  # staging modes, whatever the umask
 SELINUX_LABELS = {
     "/": "system_u:object_r:root_t:s0",
     "/etc/shadow": "system_u:object_r:shadow_t:s0",
@@ -131,11 +137,26 @@ def _copy_rendered(source: Path, dest: Path, variables: dict[str, str]) -> None:
             target.mkdir(parents=True, exist_ok=True)
         elif path.suffix == ".j2":
             target.with_suffix("").write_text(environment.from_string(path.read_text()).render(variables))
+            target.with_suffix("").chmod(FILE_MODE)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
-            if path.stat().st_mode & stat.S_IXUSR:
-                target.chmod(0o755)
+            target.chmod(EXECUTABLE_MODE if path.stat().st_mode & stat.S_IXUSR else FILE_MODE)
+
+
+def _set_modes(tree: Path) -> None:
+    """Every entry of a staging tree to an explicit mode: directories 0755, files 0644 (0755 if executable).
+
+    Files get an executable bit only from an explicit chmod (a skeleton script, the kernel), never from the
+    umask; what the umask took away (group and other bits, or more) is put back the same way every time.
+    """
+    for current, _dirnames, filenames in os.walk(tree):
+        os.chmod(current, DIR_MODE)
+        for name in filenames:
+            path = os.path.join(current, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):  # a symlink's own mode means nothing; os.walk does not follow them
+                os.chmod(path, EXECUTABLE_MODE if st.st_mode & stat.S_IXUSR else FILE_MODE)
 
 
 def _tree_paths(root: Path) -> list[str]:
@@ -200,6 +221,7 @@ def build(ctx: BuildContext) -> None:
         staging.mkdir()
         if mount == "/":
             _stage_root(ctx, staging, kernel_release, variables)
+            _set_modes(staging)
             _set_times(staging, epoch)
             _make_ext4(ctx, piece, part.length(), staging, "root", MODES)
             fs = ext4.Ext4Image(piece, epoch, ctx.work / "debugfs-labels")
@@ -210,11 +232,13 @@ def build(ctx: BuildContext) -> None:
             kernel = ctx.inputs.get("kernel-image")
             if kernel is not None:
                 shutil.copyfile(kernel, staging / f"vmlinuz-{kernel_release}")
-                (staging / f"vmlinuz-{kernel_release}").chmod(0o755)
+                (staging / f"vmlinuz-{kernel_release}").chmod(EXECUTABLE_MODE)
+            _set_modes(staging)
             _set_times(staging, epoch)
             _make_ext4(ctx, piece, part.length(), staging, "boot", {})
         else:  # the EFI system partition
             _copy_rendered(SKELETON / "efi" / arch, staging, variables)
+            _set_modes(staging)
             vfat.make_filesystem(piece, part.length(), volume_id=esp_volume_id, epoch=epoch)
             vfat.copy_tree(piece, staging, epoch)
         pieces[part.number] = piece

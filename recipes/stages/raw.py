@@ -8,6 +8,11 @@ depmod), applies hygiene (`hygiene.py`), and assembles the sparse `disk.raw` wit
 whose ids come from the derivation key. One stage, so the image data is written once: the root
 partition's copy becomes the disk file itself (a separate cached shrink would have to be copied again
 for every overlay change, which costs about as much as redoing it).
+
+`disk_size` may be `auto`: the smallest disk holding the partitions before the root, the shrunk root and
+(GPT) the backup table, rounded up to a GiB — 8 GiB for the stock layouts with a 6 GiB root. It needs the
+image's partition table, known only at build time, so the parameter (and the key) stays "auto" and the
+builder resolves it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from eulerbake.fs.bootfs import boot_filesystems
 from eulerbake.fs.partitions import extract_partitions, open_qcow2, pick_root
 from eulerbake.linux.depmod import kernel_releases_touched, module_releases, refresh_module_indexes
 
+from recipes.stages import hygiene as image_hygiene
 from recipes.stages.hygiene import apply_hygiene, selinux_enabled
 
 ATTRS_FILE = ".eulerbake-attrs"  # optional per-overlay manifest: "<mode> <uid> <gid> <path>" lines
@@ -36,11 +42,15 @@ TOOLS = (
 )  # fmt: skip
 
 
+AUTO = "auto"
+GIB = 1024**3
+
+
 @dataclass(frozen=True)
 class Params:
-    disk_size: int  # bytes, a whole number of MiB
+    disk_size: int | str  # bytes, a whole number of MiB; or "auto", resolved from the image's partition table
     root_size: int  # bytes, a whole number of MiB
-    hygiene: bool
+    hygiene: tuple[str, ...]  # the hygiene items applied (stages/hygiene.py ITEMS, in that order)
     arch: str
     serial_console: str
     overlays: tuple[str, ...]  # input names of the overlay trees, in the order they are laid on
@@ -49,21 +59,34 @@ class Params:
 # -- shrink --------------------------------------------------------------------------------------
 
 
-def _shrunk_table(table: disk.PartitionTable, image_name: str, root_size: int, disk_size: int) -> disk.PartitionTable:
-    """The partition table with its last partition (the root, checked later) cut to `root_size`."""
+def auto_disk_size(shrunk: disk.PartitionTable) -> int:
+    """disk_size `auto`: the end of the last partition (+ the GPT backup), rounded up to a GiB."""
+    return -(-shrunk.min_disk_bytes() // GIB) * GIB
+
+
+def _shrunk_table(table: disk.PartitionTable, image_name: str, root_size: int, disk_size: int | str,
+                  ) -> tuple[disk.PartitionTable, int]:
+    """The partition table with its last partition (the root, checked later) cut to `root_size`, and the disk size."""
     last = table.by_position()[-1]
     parts = tuple(
         replace(part, size=root_size // table.sector_size) if part.number == last.number else part
         for part in table.partitions
     )
     shrunk = replace(table, partitions=parts)
-    if disk_size < shrunk.min_disk_bytes():
+    if disk_size == AUTO:
+        return shrunk, auto_disk_size(shrunk)
+    disk_size, needed = int(disk_size), shrunk.min_disk_bytes()
+    if disk_size < needed:
+        root_start = last.offset(table.sector_size)
+        backup = " and the GPT backup table" if table.label == "gpt" else ""
         raise EulerbakeError(
-            f"the disk size {disk.format_size(disk_size)} is smaller than the partitions of {image_name} "
-            f"({disk.format_size(shrunk.min_disk_bytes())} with a {disk.format_size(root_size)} root)",
-            hint=f"raise disk_size to at least {disk.size_argument(shrunk.min_disk_bytes())} or lower root_size",
+            f"disk_size {disk.size_argument(disk_size)} is too small for {image_name}: its root partition starts "
+            f"at {disk.size_argument(root_start)}, so with a {disk.size_argument(root_size)} root{backup} the disk "
+            f"needs at least {-(-needed // disk.MIB)} MiB",
+            hint=f'set disk_size to "auto" (here {disk.size_argument(auto_disk_size(shrunk))}) or to at least '
+            f"{disk.size_argument(needed)}, or lower root_size (see `eulerbake config show`)",
         )
-    return shrunk
+    return shrunk, disk_size
 
 
 def shrink_root(piece: Path, root_size: int, *, epoch: int, image_name: str, log: Callable[[str], None]) -> None:
@@ -129,9 +152,10 @@ def build(ctx: BuildContext) -> None:
     params: Params = ctx.params
     epoch = ctx.source_date_epoch
     image, table = open_qcow2(ctx.inputs["qcow2"], ctx.work)
-    new_table = disk.with_seeded_ids(
-        _shrunk_table(table, image.name, params.root_size, params.disk_size), ctx.seed("partition-table")
-    )
+    shrunk, disk_size = _shrunk_table(table, image.name, params.root_size, params.disk_size)
+    if params.disk_size == AUTO:
+        ctx.log(f"raw: disk_size auto = {disk.format_size(disk_size)}")
+    new_table = disk.with_seeded_ids(shrunk, ctx.seed("partition-table"))
     pieces = extract_partitions(image, table, ctx.work)
     scratch = ctx.work / "scratch"
     root_number = pick_root(table, lambda part: (pieces[part.number], 0), epoch, scratch, image.name).number
@@ -164,7 +188,7 @@ def build(ctx: BuildContext) -> None:
 
     boots = boot_filesystems(pieces, root_number, epoch, scratch)
     if params.hygiene:
-        for change in apply_hygiene(root, boots, serial_console=params.serial_console):
+        for change in apply_hygiene(root, boots, serial_console=params.serial_console, items=params.hygiene):
             ctx.log(f"raw: {change}")
     if (written or params.hygiene) and selinux_enabled(root):
         # New files have no SELinux label; a relabel on first boot gives them the policy's.
@@ -174,10 +198,20 @@ def build(ctx: BuildContext) -> None:
     for boot in boots:
         boot.check()
     # The root piece is this build's own copy: it becomes disk.raw itself instead of being copied again.
-    disk.assemble_disk(ctx.out / "disk.raw", params.disk_size, new_table, pieces, head=head, consume_last_piece=True)
-    description = {"table": new_table.to_json(), "root": root_number, "disk_size": params.disk_size,
+    disk.assemble_disk(ctx.out / "disk.raw", disk_size, new_table, pieces, head=head, consume_last_piece=True)
+    description = {"table": new_table.to_json(), "root": root_number, "disk_size": disk_size,
                    "source": image.name}
     (ctx.out / "disk.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+
+
+def hygiene_items(hygiene: bool | Sequence[str]) -> tuple[str, ...]:
+    """The hygiene items to apply, in their order: all of them (True), none (False) or the ones named."""
+    if isinstance(hygiene, bool):
+        return image_hygiene.ITEMS if hygiene else ()
+    if unknown := sorted(set(hygiene) - set(image_hygiene.ITEMS)):
+        raise EulerbakeError(f"unknown hygiene item(s) {', '.join(unknown)}",
+                             hint=f"the items are {', '.join(image_hygiene.ITEMS)}")
+    return tuple(item for item in image_hygiene.ITEMS if item in hygiene)
 
 
 def raw(
@@ -185,21 +219,25 @@ def raw(
     qcow2: Derivation | FixedOutput,
     overlays: Sequence[Derivation | LocalTree],
     *,
-    disk_size: str = "8G",
-    root_size: str = "6G",
-    hygiene: bool = True,
+    disk_size: str | int = AUTO,
+    root_size: str | int = "6G",
+    hygiene: bool | Sequence[str] = True,
     arch: str,
 ) -> Derivation:
-    """Stage `raw:<label>`: the sparse `disk.raw` (overlays injected, hygiene applied)."""
+    """Stage `raw:<label>`: the sparse `disk.raw` (overlays injected, hygiene applied).
+
+    `disk_size` is a size or "auto"; `hygiene` is True (every item), False (none) or the items to apply.
+    """
     if arch not in SERIAL_CONSOLES:
         raise EulerbakeError(f"unknown architecture {arch!r}", hint=f"use one of {sorted(SERIAL_CONSOLES)}")
-    size = _mib_multiple(disk_size, "disk_size")
     root = _mib_multiple(root_size, "root_size")
-    if size < root:
+    size: int | str = AUTO if disk_size == AUTO else _mib_multiple(disk_size, "disk_size")
+    if isinstance(size, int) and size < root:
         raise EulerbakeError(
             f"disk_size {disk_size} is smaller than root_size {root_size}",
-            hint="the disk holds the root partition and the partitions before it; make it larger",
+            hint='the disk holds the root partition and the partitions before it; make it larger, or "auto"',
         )
+    items = hygiene_items(hygiene)
     inputs: dict[str, Derivation | LocalTree | FixedOutput] = {"qcow2": qcow2}
     names = []
     for index, overlay in enumerate(overlays):
@@ -208,14 +246,19 @@ def raw(
         name = f"overlay-{index:02d}"
         inputs[name] = overlay
         names.append(name)
+    if not items:
+        cleaned = ""
+    elif items == image_hygiene.ITEMS:
+        cleaned = ", hygiene"
+    else:
+        cleaned = f", hygiene: {' '.join(items)}"
     return Derivation(
         stage="raw",
         label=label,
         builder=build,
         inputs=inputs,
-        params=Params(disk_size=size, root_size=root, hygiene=bool(hygiene), arch=arch,
+        params=Params(disk_size=size, root_size=root, hygiene=items, arch=arch,
                       serial_console=SERIAL_CONSOLES[arch], overlays=tuple(names)),
         tools=TOOLS,
-        doc=f"sparse raw disk ({disk_size}, root {root_size}) with {len(names)} overlay(s)"
-        + (", hygiene" if hygiene else ""),
+        doc=f"sparse raw disk ({disk_size}, root {root_size}) with {len(names)} overlay(s){cleaned}",
     )

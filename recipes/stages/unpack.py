@@ -16,13 +16,14 @@ from pathlib import Path
 
 from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput
 from eulerbake.core.errors import EulerbakeError
-from eulerbake.tools.run import run
+from eulerbake.tools.run import CommandError, run
 
 # suffix -> (format, suffix of the decompressed file)
 FORMATS = {".xz": ("xz", ""), ".gz": ("gz", ""), ".tgz": ("gz", ".tar"), ".txz": ("xz", ".tar")}
 COPY_CHUNK = 4 * 1024 * 1024
 # gzip is decompressed in Python: only xz archives run a tool.
 TOOLS = ("xz",)
+DAMAGED_HINT = "the download is damaged: `eulerbake lock --update` or check the mirror"
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,20 @@ def build(ctx: BuildContext) -> None:
     ctx.log(f"decompressing {archive.name} ({params.format})")
     with output.open("wb") as out:
         if params.format == "xz":
-            run(["xz", "--decompress", "--stdout", "--threads=0", archive], stdout=out.fileno())
+            try:
+                run(["xz", "--decompress", "--stdout", "--threads=0", archive], stdout=out.fileno())
+            except CommandError as exc:
+                said = exc.output_tail.strip().splitlines() or [f"exit {exc.returncode}"]
+                # `/usr/bin/xz: <path>: Unexpected end of input`: the words after the path are xz's reason.
+                reason = said[-1].split(f"{archive}: ", 1)[-1]
+                raise EulerbakeError(f"cannot decompress {archive.name}: xz says {reason!r}",
+                                     hint=DAMAGED_HINT) from exc
         else:
             try:
                 with gzip.open(archive, "rb") as compressed:
                     shutil.copyfileobj(compressed, out, COPY_CHUNK)
             except (OSError, EOFError, zlib.error) as exc:
-                raise EulerbakeError(
-                    f"cannot decompress {archive.name}: {exc}",
-                    hint="the file is not valid gzip data; re-pin or re-fetch it",
-                ) from exc
+                raise EulerbakeError(f"cannot decompress {archive.name}: {exc}", hint=DAMAGED_HINT) from exc
     ctx.log(f"{output.name}: {output.stat().st_size} bytes")
 
 

@@ -50,6 +50,17 @@ def test_not_a_qcow2(tmp_path: Path) -> None:
     assert err.hint and "qemu-img convert -O qcow2" in err.hint
 
 
+def test_a_text_file_named_qcow2_is_not_a_disk_image(tmp_path: Path) -> None:
+    """What a mirror's error page saved as the image looks like: the fix points at the mirror, not at qemu-img."""
+    page = tmp_path / "not-an-image.qcow2"
+    page.write_bytes(b"Not Found\r\n\r\n")  # 13 bytes of text
+    store = Store(tmp_path / "store")
+    err = _fails_cleanly(store, _raw("page:x86_64", source_for(page, "page")),
+                         "not-an-image.qcow2 is not a disk image: 13 bytes", "it starts with 'Not Found'")
+    assert err.hint and err.hint.startswith("this is not a disk image: check the mirror / the lock entry")
+    assert "qemu-img convert" not in str(err)
+
+
 def test_truncated_qcow2(tmp_path: Path, built: dict[str, Built]) -> None:
     cut = tmp_path / "openEuler-cut.qcow2"
     shutil.copyfile(built["x86_64"].qcow2, cut)
@@ -101,8 +112,10 @@ def test_root_size_smaller_than_used_space(session_store: Store, built: dict[str
 def test_disk_smaller_than_partitions(session_store: Store, built: dict[str, Built]) -> None:
     # /boot ends at 2 GiB and root is 6 GiB: a 7 GiB disk cannot hold them.
     drv = raw("sample:x86_64", sample_qcow2("x86_64"), [ENA_OVERLAY], disk_size="7G", arch="x86_64")
-    err = _fails_cleanly(session_store, drv, "disk size 7 GiB is smaller than the partitions", "8 GiB")
-    assert err.hint and "disk_size to at least 8G" in err.hint
+    err = _fails_cleanly(session_store, drv, "disk_size 7G is too small for openEuler-22.03-LTS-sample-x86_64.qcow2: "
+                         "its root partition starts at 2G, so with a 6G root the disk needs at least 8192 MiB")
+    assert err.hint == 'set disk_size to "auto" (here 8G) or to at least 8G, or lower root_size (see `eulerbake ' \
+        'config show`)'
 
 
 def test_module_for_another_kernel(session_store: Store, built: dict[str, Built]) -> None:
@@ -148,10 +161,11 @@ def test_image_modules_needs_a_root_filesystem(tmp_path: Path) -> None:
         ({"root_size": "0"}, "must be larger than zero"),
         ({"disk_size": "8.0001G"}, "is not a whole number of MiB"),
         ({"disk_size": "4G"}, "disk_size 4G is smaller than root_size 6G"),
+        ({"hygiene": ["sshd", "selinux"]}, "unknown hygiene item.s. selinux"),
         ({"arch": "riscv64"}, "unknown architecture 'riscv64'"),
     ],
 )
-def test_bad_parameters_fail_before_building(kwargs: dict[str, str], message: str) -> None:
+def test_bad_parameters_fail_before_building(kwargs: dict[str, Any], message: str) -> None:
     arguments: dict[str, Any] = {"arch": "x86_64", **kwargs}
     with pytest.raises(EulerbakeError, match=message):
         raw("sample:x86_64", sample_qcow2("x86_64"), [], **arguments)

@@ -68,6 +68,21 @@ def test_corrupt_archive_fails_and_stores_nothing(tmp_path: Path, suffix: str) -
     assert list((store.root / ".tmp").iterdir()) == []
 
 
+def test_truncated_xz_says_the_download_is_damaged(tmp_path: Path, small_qcow2: Path) -> None:
+    whole = subprocess.run(["xz", "-T1", "-c", str(small_qcow2)], capture_output=True, check=True).stdout
+    compressed = tmp_path / "openEuler-cut-x86_64.qcow2.xz"
+    compressed.write_bytes(whole[: len(whole) // 2])  # a download cut short, pinned as it was
+    store = Store(tmp_path / "store")
+    derivation = unpack("test:cut", local_source(compressed, "test:cut"))
+
+    with pytest.raises(EulerbakeError) as caught:
+        store.realise(derivation, log=lambda _m: None)
+
+    assert caught.value.message == "cannot decompress openEuler-cut-x86_64.qcow2.xz: xz says 'Unexpected end of input'"
+    assert caught.value.hint == "the download is damaged: `eulerbake lock --update` or check the mirror"
+    assert not store.has(derivation)
+
+
 def test_unknown_suffix_is_refused(tmp_path: Path) -> None:
     plain = tmp_path / "disk.raw"
     plain.write_bytes(b"x")

@@ -11,6 +11,7 @@ from doit.cmd_base import TaskLoader2
 from doit.doit_cmd import DoitMain
 from doit.loader import generate_tasks
 from rich.console import Console
+from rich.markup import escape
 
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.core.publication import OFFLINE_ENV
@@ -31,7 +32,7 @@ usage: eulerbake [--offline] [--push] [doit command] [TASK…]  build (default: 
        eulerbake unpublish TASK               remove a publication's remote resource, then forget its receipt
        eulerbake COMMAND …                    a command the project's recipes add (recipes.COMMANDS)
        eulerbake kmod check KO --kernel K     check a kernel module against a kernel (see --help)
-       eulerbake lock [RELEASE…]              pin upstream sources into the lock file
+       eulerbake lock [NAME…] [--arch A]      pin the sources of releases, tasks or source labels into the lock file
        eulerbake cache keygen|push|ls|info|verify|gc …   the shared binary cache (see `eulerbake cache -h`)
 """
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return push_after_build(project, requested_tasks(args) or [])
         return status
     except EulerbakeError as err:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err}")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
 
 

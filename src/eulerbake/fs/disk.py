@@ -93,6 +93,13 @@ def validate_qcow2(path: Path) -> ImageInfo:
     tables pointing past the end of the file, which it reports as corruption.
     """
     info = inspect_image(path)
+    if info.format == "raw" and not _looks_like_a_disk(path):
+        raise EulerbakeError(
+            f"{path} is not a disk image: {path.stat().st_size} bytes with no image format, no partition table "
+            f"and no filesystem{_text_preview(path)}",
+            hint="this is not a disk image: check the mirror / the lock entry (a mirror may have served an error "
+            "page; `eulerbake lock --update` pins what it serves now)",
+        )
     if info.format != "qcow2":
         raise EulerbakeError(
             f"{path} is not a qcow2 image (qemu-img detects format '{info.format}')",
@@ -121,6 +128,25 @@ def validate_qcow2(path: Path) -> ImageInfo:
         f"{first_error})",
         hint="fetch the image again; `qemu-img check` shows every problem",
     )
+
+
+def _looks_like_a_disk(path: Path) -> bool:
+    """Whether a file qemu-img calls `raw` (its answer for anything it cannot name) could be a disk:
+    an MBR signature (dos, or GPT's protective MBR), an ext2/3/4 superblock or an ISO 9660 volume."""
+    with path.open("rb") as handle:
+        head = handle.read(40 * 1024)
+    return head[510:512] == b"\x55\xaa" or head[1080:1082] == b"\x53\xef" or head[32769:32774] == b"CD001"
+
+
+def _text_preview(path: Path) -> str:
+    """`; it starts with 'Not Found'` when the file begins with text (an error page saved as the image)."""
+    with path.open("rb") as handle:
+        head = handle.read(200)
+    text = head.decode("utf-8", errors="replace")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not first or sum(char.isprintable() for char in first) < 0.9 * len(first):
+        return ""
+    return f"; it starts with {first[:60]!r}"
 
 
 def _image_opts(path: Path, fmt: str, offset: int, size: int) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
@@ -98,11 +99,11 @@ class RichReporter:
             self.rows[task.name] = ("ignored", self._store_path(task))
 
     def cleanup_error(self, exception: Any) -> None:
-        self.errors.print(f"[red]cleanup error:[/] {exception}")
+        self.errors.print(f"[red]cleanup error:[/] {escape(str(exception))}")
 
     def runtime_error(self, msg: str) -> None:
         self._stop_status()
-        self.errors.print(f"[bold red]error:[/] {msg}")
+        self.errors.print(f"[bold red]error:[/] {escape(msg)}")
 
     def teardown_task(self, task: Any) -> None:
         pass
@@ -115,7 +116,7 @@ class RichReporter:
     def complete_run(self) -> None:
         self._stop_status()
         for name, message in self.failures:
-            self.errors.print(f"[bold red]{name} failed:[/]\n{message.rstrip()}")
+            self.errors.print(f"[bold red]{escape(name)} failed:[/]\n{escape(message.rstrip())}")
         if not self.rows:
             return
         table = Table(title=None, show_edge=False, pad_edge=False)
