@@ -7,7 +7,8 @@ publishes beside it when there is one, records the pins and commits the download
 so the build that follows never downloads it again.
 
 The project says what can be pinned, and where its lock file is, through its recipes package
-(`pin_requests()` lists every pinnable source, `lock_targets(names, arches)` the nodes a lock call reaches, and `LOCK_PATH`; see `eulerbake.cli.lock`).
+(`pin_requests()` lists every pinnable source, `lock_targets(names, arches)` the nodes a lock call
+reaches, and `LOCK_PATH`; see `eulerbake.cli.lock`).
 """
 
 from __future__ import annotations
