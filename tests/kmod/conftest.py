@@ -141,3 +141,19 @@ def kmod_builds(tmp_path_factory: pytest.TempPathFactory) -> KmodBuilds:
                        module="hello")
     realised = {role: store.realise(node, log=lambda _m: None) for role, node in [*chain.items(), ("hello", hello)]}
     return KmodBuilds(store, chain, hello, hello_source, realised)
+
+
+@pytest.fixture(scope="session")
+def hello_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """hello and its siblings (GPL-only, namespaced, weak, built-in imports), built with one kbuild run."""
+    from tests.kmod.variants import build_hello_family
+
+    return build_hello_family(tmp_path_factory.mktemp("hello-family"), HEADERS_DIR)
+
+
+@pytest.fixture(scope="session")
+def foreign_key() -> tuple[object, object, bytes]:
+    """(key, certificate, DER) of a signing key no kernel here trusts."""
+    from tests.kmod.modedit import make_signing_key
+
+    return make_signing_key()
