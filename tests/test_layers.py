@@ -1,6 +1,6 @@
 """The engine's layers: no import circle, and no module-level import from a lower floor to a higher one.
 
-Floors from the ground up: core, tools, store and fs, fetch and linux, tasks, cli. An import inside a
+Floors from the ground up: core, tools, store and fs, fetch, linux and provenance, tasks, cli. An import inside a
 function (a lazy import, e.g. a tool version probed only when a key is computed) is not a layering edge.
 """
 
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[1] / "src" / "eulerbake"
-FLOORS = {"core": 0, "tools": 1, "store": 2, "fs": 2, "fetch": 3, "linux": 3, "tasks": 4, "cli": 5}
+FLOORS = {"core": 0, "tools": 1, "store": 2, "fs": 2, "fetch": 3, "linux": 3, "provenance": 3, "tasks": 4, "cli": 5}
 
 
 def _module_name(path: Path) -> str:

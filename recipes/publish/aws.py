@@ -9,7 +9,8 @@ region, profile *name*, AMI name, arch, via, bucket), never a credential. `AmiPu
   (`s3import.py`, the seed's path);
 - RegisterImage as a current AMI should be — hvm, /dev/xvda on gp3 deleted on termination, ENA,
   `BootMode` from the disk (legacy-bios for the x86_64 dos disk, uefi for the aarch64 GPT+ESP one),
-  `ImdsSupport v2.0` — tagged with the store key, release, arch, the raw disk's key and sha256 by
+  `ImdsSupport v2.0` — tagged with the store key, release, arch, the raw disk's key, sha256 and the sha256
+  of its signed provenance (`eulerbake audit ami-…` checks it) by
   TagSpecifications (atomic on AWS) and CreateTags again (moto ignores TagSpecifications);
 - idempotent by tag: `find` adopts an AMI tagged with the key, `create` adopts a completed snapshot
   tagged with it (a run killed before RegisterImage) and deletes a half-made one (a run killed during
@@ -35,6 +36,7 @@ from eulerbake.core import hashing
 from eulerbake.core.derivation import BuildContext, Derivation, Node
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.core.publication import Publication
+from eulerbake.provenance import provenance_path
 
 from recipes.publish import aws_error, s3import, wait_until
 from recipes.publish import ebs as ebs_upload
@@ -187,6 +189,12 @@ def sparse_sha256(path: Path, stop: threading.Event | None = None) -> str:
     return sha.hexdigest()
 
 
+def provenance_sha256(entry: Path) -> str:
+    """sha256 of a store entry's signed provenance (`<entry>.provenance.json`); "" when it has none (no tag)."""
+    path = provenance_path(entry)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
 def store_key_of(path: Path) -> str:
     """The store key of an input from its store path (`<key>-<name>`), for the tags."""
     key = path.name.split("-", 1)[0]
@@ -259,7 +267,8 @@ class AmiPublisher:
                 raise
             try:
                 image_tags = {**base_tags, "eulerbake:raw-sha256": sha.result(), "eulerbake:snapshot": snapshot_id,
-                              "eulerbake:boot-mode": boot_mode}
+                              "eulerbake:boot-mode": boot_mode,
+                              "eulerbake:raw-provenance-sha256": provenance_sha256(raw_dir)}
                 image_id = self._register(ctx, target, c, snapshot_id, size, boot_mode, image_tags)
             except BaseException:
                 stop.set()

@@ -193,6 +193,9 @@ def _make_ext4(ctx: BuildContext, image: Path, size: int, staging: Path, purpose
                 commands.append(f"sif {ext4.quote(path)} mode 0{kind | modes[rel]:o}")
     fs.execute(commands)
     fs.pin_times([*paths, "/lost+found"])
+    # Like a real cloud image: mounted (booted) after its last check, so a resize must run e2fsck -f first.
+    epoch = ctx.source_date_epoch
+    fs.execute([f"ssv lastcheck {epoch}", f"ssv mtime {epoch + 3600}", f"ssv wtime {epoch + 3600}", "ssv mnt_count 7"])
 
 def build(ctx: BuildContext) -> None:
     """Assemble the sample disk from partition images and convert it to qcow2."""

@@ -281,3 +281,20 @@ def test_image_modules(image_modules_x86: Path) -> None:
     assert (modules / "modules.dep").is_file()
     for module in ("kernel/drivers/net/dummy.ko", "kernel/net/netfilter/xt_mac.ko"):
         assert (modules / module).read_bytes() == (Path("/lib/modules") / release / module).read_bytes()
+
+
+def test_sample_roots_look_used_so_the_shrink_must_check_them_first(built: dict[str, Built], tmp_path: Path) -> None:
+    """A real cloud image was booted after its last check: resize2fs refuses it unless e2fsck -f ran first.
+
+    The sample roots are made to look like that, so dropping the raw stage's `e2fsck -fp` fails the build.
+    """
+    from eulerbake.fs.partitions import extract_partitions, open_qcow2
+
+    image, table = open_qcow2(built["x86_64"].qcow2, tmp_path)
+    pieces = extract_partitions(image, table, tmp_path)
+    root = pieces[table.by_position()[-1].number]
+    header = run(["dumpe2fs", "-h", root]).stdout.decode()
+    mounts = int(re.search(r"^Mount count:\s+(\d+)", header, re.M).group(1))  # type: ignore[union-attr]
+    assert mounts > 0
+    refused = run(["resize2fs", root, "7G"], check=False)
+    assert refused.returncode != 0 and b"e2fsck -f" in refused.stdout + refused.stderr

@@ -30,6 +30,10 @@ usage: eulerbake [--offline] [--push] [doit command] [TASK…]  build (default: 
        eulerbake store why-rebuilt TASK       name the manifest fields that changed since the previous entry
        eulerbake store log TASK|KEY           the build log: commands run, tool versions, stderr tails
        eulerbake unpublish TASK               remove a publication's remote resource, then forget its receipt
+       eulerbake audit AMI|PATH|FILE|TASK     verify the provenance chain down to the pinned sources (exit 1: fail)
+                 [--json] [--trusted-key K]… [--rebuild] [--allow-drift] [--region R] [--endpoint-url URL]
+       eulerbake provenance TASK… [--sign-key FILE] [--closure]   print (with a key: sign and store) provenance
+       eulerbake build --check [TASK…]        rebuild in a fresh store, compare bit for bit (exit 1: differs)
        eulerbake COMMAND …                    a command the project's recipes add (recipes.COMMANDS)
        eulerbake kmod check KO --kernel K     check a kernel module against a kernel (see --help)
        eulerbake lock [NAME…] [--arch A]      pin the sources of releases, tasks or source labels into the lock file
@@ -76,7 +80,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from eulerbake.cli.cache import cache_main
 
             return cache_main(args[1:])
+        if args and args[0] == "audit":  # an AMI or a file can be audited outside any checkout
+            from eulerbake.cli.audit import audit_main
+
+            return audit_main(args[1:])
         project = Project(find_project())
+        if args and args[0] == "provenance":
+            from eulerbake.cli.audit import provenance_main
+
+            return provenance_main(args[1:], project)
+        if args and args[0] == "build":
+            if "--check" in args[1:]:
+                from eulerbake.cli.audit import build_check_main
+
+                return build_check_main(args[1:], project)
+            args = args[1:]  # `eulerbake build TASK…` is `eulerbake TASK…`
         if args and args[0] == "store":
             from eulerbake.cli.store import store_main
 

@@ -20,7 +20,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ DEFAULT_SOURCE_DATE_EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z, used when the
 SHARED_STORE_ENV = "EULERBAKE_SHARED_STORE"  # a store that a group of users writes to on purpose
 NO_REBUILD_CORRUPT_ENV = "EULERBAKE_NO_REBUILD_CORRUPT"  # fail instead of rebuilding a corrupted entry
 META_FIELDS = ("key", "name", "task", "manifest", "output")
-ENTRY_RE = re.compile(r"^(([0-9a-f]{32})-[A-Za-z0-9][A-Za-z0-9._+-]*?)(\.json|\.log)?$")
+ENTRY_RE = re.compile(r"^(([0-9a-f]{32})-[A-Za-z0-9][A-Za-z0-9._+-]*?)(\.provenance\.json|\.json|\.log)?$")
 GC_LOCK = "gc"  # store/.locks/gc.lock: shared by builds, exclusive for gc
 SUBDIRS = (".tmp", ".locks", ".cache", ".roots", ".failed", ".seals", ".corrupt")
 # (store root, key) of entries whose seal was checked in this process: checked once per run, not per use.
@@ -205,7 +205,8 @@ class Store:
         with self.lock(node.key):
             if self.meta_path(node).is_file():
                 where.mkdir(parents=True, exist_ok=True)
-                for part in (self.path(node), self.meta_path(node), self.log_path(node), self.seal_path(node.key)):
+                for part in (self.path(node), self.meta_path(node), self.log_path(node), self.seal_path(node.key),
+                             self.provenance_path(node)):
                     if part.exists():
                         os.rename(part, where / part.name)
                 (where / "NOTE").write_text(f"{node.task_name} was corrupted in the store: {shown}\n")
@@ -307,6 +308,7 @@ class Store:
 
     def _discard_leftovers(self, node: Node) -> None:
         remove_tree(self.path(node))
+        self.provenance_path(node).unlink(missing_ok=True)  # an orphan: provenance is renamed in after the metadata
         self.seal_path(node.key).unlink(missing_ok=True)
         for stale in (self.root / ".tmp").glob(f"{node.key}-*"):
             remove_tree(stale)
@@ -314,6 +316,10 @@ class Store:
     def log_path(self, node: Node) -> Path:
         """The log of the build that made `node`'s entry: `store/<key>-<name>.log`."""
         return self.root / f"{node.key}-{node.store_name}.log"
+
+    def provenance_path(self, node: Node) -> Path:
+        """The signed provenance of `node`'s entry: `store/<key>-<name>.provenance.json` (see `provenance`)."""
+        return self.root / f"{node.key}-{node.store_name}.provenance.json"
 
     def failed_log_path(self, node: Node) -> Path:
         """The log of the last failed build of `node`: `store/.failed/<key>-<name>.log` (not an entry)."""
@@ -386,7 +392,7 @@ class Store:
                 "built_by": {"engine": __version__, "host": socket.gethostname()},
             }
             build_log.write(tmp / "build.log", ok=True)
-            self.commit(node, tmp, epoch, meta_extra, log_file=tmp / "build.log")
+            self.commit(node, tmp, epoch, meta_extra, log_file=tmp / "build.log", secrets=ctx.secrets)
         except BaseException:
             try:
                 build_log.write(tmp / "build.log", ok=False)
@@ -398,12 +404,16 @@ class Store:
             remove_tree(tmp)
 
     def commit(self, node: Node, tmp: Path, epoch: int, meta_extra: dict[str, Any], *,
-               log_file: Path | None = None, expected_output_hash: str | None = None) -> None:
+               log_file: Path | None = None, expected_output_hash: str | None = None,
+               secrets: Mapping[str, str] | None = None) -> None:
         """Seal `tmp/out`, record it and commit it as `node`'s entry: the only way anything enters the store.
 
         Builds and substitutions (a cache download unpacked into `tmp/out`) both end here: sealed, hashed
         from disk, seal record, metadata, then renames — output, seal record, metadata (the commit point),
         log. With `expected_output_hash` (what the cache says it holds) a different hash commits nothing.
+        With a signing key (EULERBAKE_SIGNING_KEY_FILE) a build's signed provenance is made from `tmp/out`
+        before any rename and renamed in right after the metadata; a failure to make it commits nothing.
+        A substituted entry keeps the provenance its builder signed (it travels with the cache entry).
         """
         out = tmp / "out"
         seal.seal(out, epoch)
@@ -433,9 +443,16 @@ class Store:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        provenance = None
+        if "substituted_from" not in meta_extra:
+            from eulerbake.provenance.statement import commit_provenance  # lazy: provenance sits above the store
+
+            provenance = commit_provenance(self, node, meta, tmp, secrets=secrets, log_file=log_file)
         os.rename(out, self.path(node))
         os.rename(tmp / "seal.json", self.seal_path(node.key))
         os.rename(meta_tmp, self.meta_path(node))  # the commit point
+        if provenance is not None:
+            os.rename(provenance, self.provenance_path(node))  # after it: never a provenance without its entry
         if log_file is not None:
             os.rename(log_file, self.log_path(node))  # after it: never a log without its entry
         self.failed_log_path(node).unlink(missing_ok=True)
@@ -520,6 +537,9 @@ class Store:
             elif suffix == ".log":
                 if not Path(f"{base}.json").is_file():
                     found.append((path, "orphaned build log: no entry"))
+            elif suffix == ".provenance.json":
+                if not Path(f"{base}.json").is_file():
+                    found.append((path, "orphaned provenance: no entry"))
             elif not Path(f"{path}.json").is_file() and not self._building(key):
                 found.append((path, "orphaned output: no metadata (a build was killed before its commit)"))
         return found
@@ -548,7 +568,8 @@ class Store:
             parts = [path]
             if match is not None and path.parent == self.root:
                 base = self.root / match.group(1)
-                parts = [base, Path(f"{base}.json"), Path(f"{base}.log"), self.seal_path(match.group(2))]
+                parts = [base, Path(f"{base}.json"), Path(f"{base}.log"), Path(f"{base}.provenance.json"),
+                         self.seal_path(match.group(2))]
             for part in parts:
                 if part.exists() or part.is_symlink():
                     os.rename(part, where / part.name)
@@ -595,6 +616,7 @@ class Store:
             Path(str(path) + ".json").unlink(missing_ok=True)
             remove_tree(path)
             Path(str(path) + ".log").unlink(missing_ok=True)
+            Path(str(path) + ".provenance.json").unlink(missing_ok=True)
             self.seal_path(meta["key"]).unlink(missing_ok=True)
             _intact.discard((str(self.root), meta["key"]))
 
