@@ -112,7 +112,18 @@ def _aws_settings() -> dict[str, Any]:
     aws = dict(config.load().table("aws"))
     return {"region": str(aws.get("region", "us-east-1")), "profile": aws.get("profile"),
             "endpoint_url": aws.get("endpoint_url"), "via": str(aws.get("via", "ebs")), "bucket": aws.get("bucket"),
-            "boot_check": bool(aws.get("boot_check", True))}
+            "boot_check": _switch(aws, "aws", "boot_check", True)}
+
+
+def _switch(table: dict[str, Any], name: str, key: str, default: bool) -> bool:
+    """An on/off value of a pass-through table: true/false or "on"/"off", anything else one clear error."""
+    value = table.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if value in config.SWITCH:
+        return value == "on"
+    raise EulerbakeError(f"{config.PYPROJECT}: {config.key_path(*config.TABLE, name, key)} = {value!r} is not a switch",
+                         hint=f'write {key} = true or false ("on" or "off")')
 
 
 def publish_targets(rel: releases.Release) -> list[Node]:

@@ -532,7 +532,7 @@ def ami(
     """Publication `ami:<label>`: `raw`'s disk.raw registered as the AMI `name` in `region`.
 
     `boot_check` (a node, e.g. a boot test of the same disk) must be built first: an image that does not
-    boot is never published. `boot_mode` defaults to what the disk can boot (see `boot_mode_for`).
+    boot is never published; the target (and so the receipt) says whether there was one. `boot_mode` defaults to what the disk can boot (see `boot_mode_for`).
     `workers`, `create_role`, `poll` and `wait_timeout` shape how it is published, not what: they are
     not part of the key.
     """
@@ -571,6 +571,7 @@ def ami(
         "via": via,
         "bucket": bucket or "",
         "encrypted": encrypted,
+        "boot_check": "on" if boot_check is not None else "off",  # in the receipt: was it proven to boot?
     }
     publisher = AWS_PUBLISHER
     settings = {"workers": workers, "create_role": create_role, "poll": poll, "wait_timeout": wait_timeout}

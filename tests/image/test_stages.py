@@ -141,7 +141,7 @@ def test_esp_passes_fsck(built: dict[str, Built], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_overlays_are_injected_with_mode_and_owner(arch: str, built: dict[str, Built]) -> None:
+def test_overlays_are_injected_with_mode_and_owner(arch: str, built: dict[str, Built], tmp_path: Path) -> None:
     spec = _spec(built[arch].disk, ROOT_NUMBER[arch])
     for rel in ("etc/modprobe.d/ena.conf", "etc/modules-load.d/ena.conf", "etc/depmod.d/ena.conf"):
         directory, name = rel.rsplit("/", 1)
@@ -164,6 +164,17 @@ def test_overlays_are_injected_with_mode_and_owner(arch: str, built: dict[str, B
             "alias pci:v00001D0Fd0000EC20sv*sd*bc*sc*i* ena"
             in debugfs_cat(spec, f"/lib/modules/{release}/modules.alias").decode()
         )
+        # modprobe reads the binary indexes, not the text ones: they were written back too, so modprobe on
+        # the image's indexes alone resolves ena and its PCI alias to the injected module.
+        dump = tmp_path / "dump" / "lib" / "modules" / release
+        dump.mkdir(parents=True)
+        for name in debugfs_ls(spec, f"/lib/modules/{release}"):
+            if name.startswith("modules."):
+                (dump / name).write_bytes(debugfs_cat(spec, f"/lib/modules/{release}/{name}"))
+        assert {"modules.dep.bin", "modules.alias.bin", "modules.symbols.bin"} <= {p.name for p in dump.iterdir()}
+        for wanted in ("ena", "pci:v00001D0Fd0000EC20sv00000000sd00000000bc02sc00i00"):
+            shown = run(["modprobe", "-d", tmp_path / "dump", "-S", release, "--show-depends", wanted])
+            assert shown.stdout.decode().split() == ["insmod", f"{tmp_path}/dump{extra}/ena.ko"], wanted
         # modules.order in the image is left as the kernel shipped it.
         assert "ena" not in debugfs_cat(spec, f"/lib/modules/{release}/modules.order").decode()
 
