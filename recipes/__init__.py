@@ -59,6 +59,7 @@ ENA_MODULE_ARCHES = ("aarch64",)
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "config": config.config_main,
     "user-data": commands.user_data_main,
+    "packer-key": commands.packer_key_main,
 }
 
 

@@ -5,6 +5,9 @@
 written only to `-o`, created 0600 and renamed into place whole, never into the store, and checked
 with `cloud-init schema` first. A token file others can read is refused (the token would already be
 exposed to every user of the machine); a group-readable one is warned about.
+
+`eulerbake packer-key` makes the Packer builder key (`stages/builder_key.py`) when there is none and prints
+its path and public half: the `packer-ami` tasks are in the graph once that key exists.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store.local import default_store_root
 
+from recipes.stages import builder_key
 from recipes.stages.user_data import ROLES, TEMPLATE, check_token, render_rke2, schema_check, settings
 
 
@@ -112,4 +116,23 @@ def user_data_main(argv: Sequence[str]) -> int:
     write_private(args.output, render_rke2(TEMPLATE, params, token), token)
     what = "holds the join token: hand it to EC2 (--user-data file://…) and delete it" if token else "holds no secret"
     print(f"wrote {args.output} (mode 0600): RKE2 {params.role} {params.version}; it {what}")
+    return 0
+
+
+def packer_key_main(argv: Sequence[str]) -> int:
+    """`eulerbake packer-key`: make the Packer builder key if there is none, print where it is and its public half.
+
+    The `packer-ami` tasks appear in the graph once a builder key exists (making one runs ssh-keygen, which
+    building the graph never does), so this is the step that turns them on.
+    """
+    parser = argparse.ArgumentParser(prog="eulerbake packer-key",
+                                     description="Make (once) and show the SSH key Packer logs in to base AMIs with. "
+                                     f"${builder_key.KEY_FILE_ENV} names an existing private key instead.")
+    parser.parse_args(list(argv))
+    existed = bool(os.environ.get(builder_key.KEY_FILE_ENV)) or (builder_key.state_dir() / builder_key.KEY_NAME).exists()
+    path = builder_key.builder_key_path(create=True)
+    public = builder_key.builder_public_key(create=False)
+    print(f"{'using' if existed else 'made'} the Packer builder key {path} (mode 0600, outside the store)")
+    print(public)
+    print("`doit list --all | grep packer-ami` now shows the Packer AMI tasks")
     return 0
