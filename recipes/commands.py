@@ -129,7 +129,8 @@ def packer_key_main(argv: Sequence[str]) -> int:
                                      description="Make (once) and show the SSH key Packer logs in to base AMIs with. "
                                      f"${builder_key.KEY_FILE_ENV} names an existing private key instead.")
     parser.parse_args(list(argv))
-    existed = bool(os.environ.get(builder_key.KEY_FILE_ENV)) or (builder_key.state_dir() / builder_key.KEY_NAME).exists()
+    existed = bool(os.environ.get(builder_key.KEY_FILE_ENV)) \
+        or (builder_key.state_dir() / builder_key.KEY_NAME).exists()
     path = builder_key.builder_key_path(create=True)
     public = builder_key.builder_public_key(create=False)
     print(f"{'using' if existed else 'made'} the Packer builder key {path} (mode 0600, outside the store)")

@@ -532,7 +532,8 @@ def ami(
     """Publication `ami:<label>`: `raw`'s disk.raw registered as the AMI `name` in `region`.
 
     `boot_check` (a node, e.g. a boot test of the same disk) must be built first: an image that does not
-    boot is never published; the target (and so the receipt) says whether there was one. `boot_mode` defaults to what the disk can boot (see `boot_mode_for`).
+    boot is never published; the target (and so the receipt) says whether there was one. `boot_mode`
+    defaults to what the disk can boot (see `boot_mode_for`).
     `workers`, `create_role`, `poll` and `wait_timeout` shape how it is published, not what: they are
     not part of the key.
     """
