@@ -45,7 +45,6 @@ from typing import Any
 from eulerbake.core.derivation import BuildContext, Input
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.core.publication import Publication
-from oauthlib import oauth1
 
 from recipes.publish import Progress
 
@@ -187,6 +186,8 @@ class MaasClient:
         self._netloc = parsed.netloc
         self._root = parsed.path
         self._timeout = timeout
+        from oauthlib import oauth1  # only when publishing: every doit run imports the recipes
+
         self._oauth = oauth1.Client(secrets["consumer_key"], client_secret="",
                                     resource_owner_key=secrets["token_key"],
                                     resource_owner_secret=secrets["token_secret"],

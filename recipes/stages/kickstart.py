@@ -19,12 +19,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 from eulerbake.core.derivation import BuildContext, Derivation, LocalTree
 from eulerbake.core.errors import EulerbakeError
-from pykickstart.errors import KickstartError, KickstartParseWarning
-from pykickstart.parser import KickstartParser
-from pykickstart.version import RHEL8, makeVersion
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "overlays" / "kickstart"
 OUTPUT = "openeuler.ks"
@@ -56,6 +52,11 @@ class Params:
 
 def validate_kickstart(text: str, name: str = OUTPUT) -> None:
     """Parse `text` with pykickstart's RHEL8 handler as ksvalidator does; raise its message, line included."""
+    # Imported when validating: every doit run imports the recipes, and pykickstart (with requests) is slow to load.
+    from pykickstart.errors import KickstartError, KickstartParseWarning
+    from pykickstart.parser import KickstartParser
+    from pykickstart.version import RHEL8, makeVersion
+
     parser = KickstartParser(makeVersion(RHEL8), followIncludes=False, errorsAreFatal=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", KickstartParseWarning)
@@ -74,6 +75,8 @@ def validate_kickstart(text: str, name: str = OUTPUT) -> None:
 
 
 def render(params: Params, templates: str, label: str) -> str:
+    import jinja2  # only when building: every doit run imports the recipes
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     try:

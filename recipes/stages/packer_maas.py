@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, Input, LocalTree
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.tools.run import CommandError, run
@@ -133,6 +132,8 @@ def _json_template(value: Any) -> str:
 
 def render(params: Params, templates: Path, label: str) -> dict[str, str]:
     """{output name: text} of both templates."""
+    import jinja2  # only when building: every doit run imports the recipes
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["hcl"] = _hcl

@@ -65,12 +65,46 @@ def test_corruption_can_fail_the_build_instead(toy: ToyProject) -> None:
     assert "corrupted" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_write_that_puts_back_size_and_mtime_is_still_caught(toy: ToyProject) -> None:
+    """The seal's stamp shortcut covers inode and ctime too: restoring mtime does not hide a write."""
+    toy.doit()
+    toy.ran()
+    entry = _entry(toy, "tarball")
+    record = (toy.store / ".seals" / f"{entry.name[:32]}.json").read_bytes()
+    assert record.startswith(b'{"stamp": "')  # the shortcut's precondition
+    target = entry / "bundle.tar"
+    before = os.stat(target)
+    _flip(target, 700)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.chmod(target, before.st_mode & 0o7777)
+    proc = toy.doit()
+    assert "CORRUPT" in proc.stderr and sorted(toy.ran()) == ["tarball"]
+
+
 def test_a_touched_but_unchanged_file_is_not_corruption(toy: ToyProject) -> None:
     toy.doit()
     toy.ran()
-    target = _entry(toy, "combine") / "release.txt"
-    os.utime(target, (1, 1))
+    entry = _entry(toy, "combine")
+    os.utime(entry / "release.txt", (1, 1))
     assert "0 built" in toy.doit().stdout and toy.ran() == []
+    # The full check found it intact and restamped the record: the next check is the shortcut.
+    from eulerbake.store import seal
+    record = json.loads((toy.store / ".seals" / f"{entry.name[:32]}.json").read_text())
+    assert record["stamp"] == seal.stamp(entry)
+
+
+def test_a_seal_record_without_a_stamp_is_checked_in_full_and_stamped(toy: ToyProject) -> None:
+    toy.doit()
+    toy.ran()
+    entry = _entry(toy, "tarball")
+    path = toy.store / ".seals" / f"{entry.name[:32]}.json"
+    record = json.loads(path.read_text())
+    del record["stamp"]
+    path.write_text(json.dumps(record, sort_keys=True))  # as records were written before stamps
+    assert "0 built" in toy.doit().stdout and toy.ran() == []
+    assert path.read_bytes().startswith(b'{"stamp": "')
+    _flip(entry / "bundle.tar", 700)
+    assert "CORRUPT" in toy.doit().stderr and toy.ran() == ["tarball"]
 
 
 def test_planted_lock_symlink_is_refused_and_its_target_untouched(toy: ToyProject, tmp_path: Path) -> None:

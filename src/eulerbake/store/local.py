@@ -187,12 +187,34 @@ class Store:
     def seal_problems(self, key: str, path: Path) -> list[str]:
         """How an entry differs from its seal record (a missing or garbled record is a problem too)."""
         try:
-            record = json.loads(self.seal_path(key).read_text())
+            with self.seal_path(key).open("rb") as f:
+                head = f.read(128)
+                if seal.intact_by_stamp(path, head):  # nothing moved: the whole record need not be read
+                    return []
+                record = json.loads(head + f.read())
         except FileNotFoundError:
             return ["its seal record is missing"]
         except (OSError, ValueError) as exc:
             return [f"its seal record is unreadable: {exc}"]
-        return seal.check(path, record)
+        try:
+            now = seal.stamp(path)  # taken before the check: a write after it moves the stamp again
+        except OSError:
+            now = ""
+        problems = seal.check(path, record)
+        if not problems and now and record.get("stamp") != now:
+            self._restamp(key, record, now)
+        return problems
+
+    def _restamp(self, key: str, record: dict[str, Any], stamp: str) -> None:
+        """Record the stamp of an entry a full check found intact (a record from before stamps, or a file
+        touched but unchanged), so the next check is the shortcut again. A read-only store keeps the old one."""
+        target = self.seal_path(key)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            partial.write_text(seal.dumps({**record, "stamp": stamp}))
+            os.replace(partial, target)
+        except OSError:
+            partial.unlink(missing_ok=True)
 
     def _quarantine(self, node: Node, problems: list[str]) -> None:
         """Move a corrupted entry to `store/.corrupt/` with a note, so it is rebuilt; or fail, if told to."""
@@ -428,7 +450,7 @@ class Store:
                 "it should; nothing was committed",
                 hint="the cache entry is corrupt or forged: remove it from the cache (eulerbake cache verify)",
             )
-        (tmp / "seal.json").write_text(json.dumps(seal.record(out, hashes), sort_keys=True))
+        (tmp / "seal.json").write_text(seal.dumps(seal.record(out, hashes)))
         meta = {
             "key": node.key,
             "name": node.store_name,

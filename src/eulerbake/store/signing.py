@@ -18,14 +18,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from eulerbake.core.errors import EulerbakeError
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-_RAW = serialization.Encoding.Raw
 
 
 def _split(text: str, what: str) -> tuple[str, bytes]:
@@ -58,6 +58,10 @@ class PublicKey:
         return f"{self.name}:{base64.b64encode(self.raw).decode()}"
 
     def verify_raw(self, data: bytes, signature: bytes) -> bool:
+        # cryptography is imported when a signature is made or checked: every doit run imports the store.
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
         except (InvalidSignature, ValueError):
@@ -86,7 +90,10 @@ class SecretKey:
             raise EulerbakeError(f"invalid key name {name!r}",
                                  hint="use letters, digits and '._+-', e.g. the cache's host name and a number: "
                                  "cache.example.org-1")
-        seed = Ed25519PrivateKey.generate().private_bytes(_RAW, serialization.PrivateFormat.Raw,
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        seed = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                                           serialization.NoEncryption())
         return cls(name, seed)
 
@@ -117,10 +124,15 @@ class SecretKey:
         return cls.parse(text)
 
     def _private(self) -> Ed25519PrivateKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return Ed25519PrivateKey.from_private_bytes(self.seed)
 
     def public(self) -> PublicKey:
-        return PublicKey(self.name, self._private().public_key().public_bytes(_RAW, serialization.PublicFormat.Raw))
+        from cryptography.hazmat.primitives import serialization
+
+        raw = self._private().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return PublicKey(self.name, raw)
 
     def __str__(self) -> str:
         return f"{self.name}:{base64.b64encode(self.seed + self.public().raw).decode()}"
