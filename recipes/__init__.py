@@ -7,7 +7,7 @@ Stage graph per cell (`<release>:<arch>`), one module per stage in `recipes/stag
     fetch (amzn-drivers) ───────────────────────┘                           ├→ raw   ENA module: `ena`)
     overlays/ena, image hygiene (stages/hygiene.py) ────────────────────────┘
     raw → boot (QEMU proof) ┄┄→ ami (Publication, EBS direct or S3 import) ─→ packer-template → packer-ami
-    kickstart → packer-maas (DVD ISO, qemu) → maas-tgz → maas-upload (Publication)
+    kickstart → packer-maas (DVD ISO, qemu) → boot (`…:maas`) + maas-tgz → maas-upload (Publication)
 
 Publications are never default targets; their targets (region, profile, MAAS profile) come from
 `[tool.eulerbake.aws]` / `[tool.eulerbake.maas]`. `packer-ami` is in the graph once a builder key exists
@@ -152,8 +152,12 @@ def publish_targets(rel: releases.Release) -> list[Node]:
     tarball = maas_tgz(rel.label, installed, arch=rel.arch, firmware="both" if rel.arch == "x86_64" else "uefi",
                        compat=str(maas.get("compat", "id-like")))
     resource = str(maas.get("name", release_name(rel.version)))
+    # The installed disk the tarball is packed from, booted the same way (no hygiene: maas-tgz does it).
+    maas_proof = boot(f"{rel.label}:maas", installed, arch=rel.arch, expect_module=None)
+    nodes.append(maas_proof)
     nodes.append(maas_upload(rel.label, tarball, name=resource, title=release_title(rel.version), arch=rel.arch,
-                             profile=str(maas.get("profile", "default"))))
+                             profile=str(maas.get("profile", "default")),
+                             boot_check=maas_proof if _switch(maas, "maas", "boot_check", True) else None))
     return nodes
 
 

@@ -505,9 +505,12 @@ def maas_upload(
     arch: str,
     profile: str = "default",
     base_image: str = "",
+    boot_check: Input | None = None,
 ) -> Publication:
     """Publication `maas-upload:<label>`: `tgz` (a maas-tgz output) as MAAS boot resource `name` for `arch`.
-    `name` is `rhel/<x>` (see `release_name`) or `custom/<name>` with a `base_image` such as `rhel/8`."""
+    `name` is `rhel/<x>` (see `release_name`) or `custom/<name>` with a `base_image` such as `rhel/8`.
+    `boot_check` (e.g. the boot proof of the disk the tarball was packed from) is built first; the target
+    (and so the receipt) says whether there was one."""
     if arch not in ARCHITECTURES:
         raise EulerbakeError(f"unknown architecture {arch!r}", hint=f"use one of {', '.join(ARCHITECTURES)}")
     if not NAME_RE.match(name):
@@ -517,9 +520,12 @@ def maas_upload(
     if base_image and not NAME_RE.match(base_image):
         raise EulerbakeError(f"{base_image!r} is not a base image name", hint="e.g. rhel/8")
     target: dict[str, Any] = {"profile": profile, "name": name, "title": title, "architecture": ARCHITECTURES[arch],
-                              "filetype": FILETYPE}
+                              "filetype": FILETYPE, "boot_check": "on" if boot_check is not None else "off"}
     if base_image:
         target["base_image"] = base_image
-    return Publication(stage="maas-upload", label=label, publisher=PUBLISHER, target=target, inputs={"tgz": tgz},
+    inputs: dict[str, Input] = {"tgz": tgz}
+    if boot_check is not None:
+        inputs["boot_check"] = boot_check
+    return Publication(stage="maas-upload", label=label, publisher=PUBLISHER, target=target, inputs=inputs,
                        doc=f"upload the MAAS root tarball as {name} ({ARCHITECTURES[arch]})")
 

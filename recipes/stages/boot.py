@@ -1,6 +1,7 @@
 """Stage `boot`: boot the raw image under QEMU through its own bootloader, and prove it came up right.
 
     boot:<label>  raw:<label> (disk.raw + disk.json) + overlays/boot (NoCloud seed) → console.log + report.json
+                  (or a stage whose output is one qcow2: the disk packer-maas installed for MAAS)
 
 The seed's author found the missing ENA driver only after uploading to AWS, on the serial console of an
 instance that never came up. This stage finds such things on the build machine: the image boots through
@@ -41,6 +42,7 @@ from eulerbake.core import hashing
 from eulerbake.core.derivation import BuildContext, Derivation, LocalTree
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.fs import disk, ext4
+from eulerbake.fs.partitions import find_root_partition
 from eulerbake.linux.depmod import module_releases
 from eulerbake.tools.run import run
 
@@ -48,7 +50,7 @@ from recipes.stages import seed
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "overlays" / "boot"
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
-TOOLS = ("qemu-img", "debugfs", *seed.TOOLS)  # + the arch's QEMU
+TOOLS = ("qemu-img", "debugfs", "sfdisk", *seed.TOOLS)  # + the arch's QEMU; sfdisk reads a qcow2 disk's table
 # (firmware code, writable UEFI variable store or None, Debian package)
 FIRMWARE = {
     "x86_64": (Path("/usr/share/seabios/bios-256k.bin"), None, "seabios"),
@@ -514,12 +516,36 @@ def _boot_files(ctx: BuildContext, params: Params) -> dict[str, Path]:
     return files
 
 
+def disk_and_layout(given: Path, work: Path) -> tuple[Path, str, Path, dict[str, Any]]:
+    """(the disk QEMU boots, its format, a raw file to inspect, its layout {table, root, source}).
+
+    A raw stage's output (disk.raw + disk.json) is used as it is. An output holding one *.qcow2 (the disk
+    packer-maas installed, which maas-tgz packs), or a qcow2 file, is booted as it is and inspected through
+    a sparse raw copy in the work directory (the cost follows the data), its root found by its contents.
+    """
+    if (given / "disk.raw").is_file() and (given / "disk.json").is_file():
+        return given / "disk.raw", "raw", given / "disk.raw", json.loads((given / "disk.json").read_text())
+    images = sorted(given.glob("*.qcow2")) if given.is_dir() else [given]
+    if len(images) != 1:
+        raise EulerbakeError(f"{given} holds neither disk.raw + disk.json nor exactly one *.qcow2 image",
+                             hint="boot the raw stage's output, or a stage whose output is one qcow2 (packer-maas)")
+    image = images[0]
+    fmt = disk.validate_qcow2(image).format
+    inspected = work / "inspect.raw"
+    run(["qemu-img", "convert", "-q", "-f", fmt, "-O", "raw", image, inspected])
+    table = disk.read_partition_table(inspected)
+    root = find_root_partition(inspected, scratch=work)
+    return image, fmt, inspected, {"table": table.to_json(), "root": root.number, "source": image.name,
+                                   "disk_size": disk.inspect_image(image).virtual_size}
+
+
 def build(ctx: BuildContext) -> None:
     """Inspect the image, make the seed and the overlay, boot, check the markers, write the report."""
     params: Params = ctx.params
-    disk_file = ctx.inputs["raw"] / "disk.raw"
-    layout = json.loads((ctx.inputs["raw"] / "disk.json").read_text())
-    image = inspect_image(disk_file, layout, ctx.work / "scratch")
+    (ctx.work / "scratch").mkdir(exist_ok=True)
+    disk_file, disk_format, inspected, layout = disk_and_layout(ctx.inputs["raw"], ctx.work / "scratch")
+    image = inspect_image(inspected, layout, ctx.work / "scratch")
+    (ctx.work / "scratch" / "inspect.raw").unlink(missing_ok=True)  # QEMU boots the image itself
     if not image.kernels:
         raise EulerbakeError(
             f"{layout.get('source', disk_file.name)} has no kernel to boot (no vmlinuz-* in /boot on any partition)",
@@ -535,7 +561,7 @@ def build(ctx: BuildContext) -> None:
                    volume_id=ctx.seed("seed-volume-id")[:4].hex().upper(), epoch=ctx.source_date_epoch,
                    staging=ctx.work / "seed")
     # The store's disk.raw is only ever the read-only backing file of an overlay in the work directory.
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", disk_file.resolve(), files["overlay"]])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format, "-b", disk_file.resolve(), files["overlay"]])
     ctx.log(f"boot: {accel} ({accel_why}), {interface} disk (nvme driver: {image.nvme_driver or 'none'}), "
             f"timeout {timeout} s")
     vm = run_vm(qemu_command(params.arch, accel, params, interface, files), files["console"], files["pidfile"],
@@ -588,8 +614,8 @@ def boot(label: str, raw: Derivation, *, arch: str, expect_module: str | None = 
         raise EulerbakeError(f"unknown architecture {arch!r} for the boot stage", hint=f"use one of {sorted(QEMU)}")
     if disk not in DISKS:
         raise EulerbakeError(f"unknown boot disk {disk!r}", hint=f"use one of {', '.join(DISKS)}")
-    if hygiene is None:
-        hygiene = bool(getattr(raw.params, "hygiene", True))
+    if hygiene is None:  # a raw stage's items; a disk from elsewhere (packer-maas) went through none
+        hygiene = bool(getattr(raw.params, "hygiene", False))
     code, variables, package = FIRMWARE[arch]
     inputs: dict[str, Derivation | LocalTree | Firmware] = {
         "raw": raw, "templates": LocalTree(TEMPLATES), "firmware": Firmware(code, package)}

@@ -56,6 +56,7 @@ GIB = 1024**3
 MIB = 1024**2
 VIRTUAL_SIZE = 40 * GIB
 SECTOR = 512
+FAT32_VOLUME_ID = 0x43  # offset of the volume serial in a FAT32 boot sector
 # openEuler 22.03 LTS aarch64 (recipes/stages/qcow2.py LAYOUTS): ESP, /boot, root (last, so it can be shrunk).
 ESP_START, ESP_SIZE = MIB, 512 * MIB - MIB
 BOOT_START, BOOT_SIZE = 512 * MIB, GIB
@@ -219,6 +220,18 @@ def make_openeuler_shaped(root: Path, boot: Path, esp: Path, kver: str, uuids: d
     (vendor / "grub.cfg").write_text(GRUB_CFG.format(kver=kver, **uuids))
 
 
+def fat_uuid(piece: Path) -> str:
+    """The FAT32 volume serial as blkid and fstab spell it ("1234-ABCD"), read from the boot sector.
+
+    Read back, not assumed: dosfstools 4.2 mkfs.vfat lets a later `--invariant` replace the `-i` id
+    with 1234ABCD, which is what `eulerbake.fs.vfat.make_filesystem` passes (in that order).
+    """
+    with piece.open("rb") as handle:
+        handle.seek(FAT32_VOLUME_ID)
+        serial = int.from_bytes(handle.read(4), "little")
+    return f"{serial >> 16:04X}-{serial & 0xFFFF:04X}"
+
+
 def install_grub(ctx: BuildContext, modules: Path, esp: Path) -> None:
     """What grub2-install --target=arm64-efi --removable would put on the ESP, without a block device."""
     params: Params = ctx.params
@@ -233,9 +246,10 @@ def build(ctx: BuildContext) -> None:
     kver = params.kernel_release
     root, boot, esp = ctx.work / "root", ctx.work / "boot", ctx.work / "esp"
     bootstrap(ctx, root, ctx.out / "header-debs")
-    volume_id = ctx.seed("esp-volume-id")[:4].hex().upper()
-    uuids = {"root_uuid": _uuid(ctx, "root-fs"), "boot_uuid": _uuid(ctx, "boot-fs"),
-             "esp_uuid": f"{volume_id[:4]}-{volume_id[4:]}"}
+    piece = ctx.work / "esp.img"
+    vfat.make_filesystem(piece, ESP_SIZE, volume_id=ctx.seed("esp-volume-id")[:4].hex().upper(),
+                         epoch=ctx.source_date_epoch)
+    uuids = {"root_uuid": _uuid(ctx, "root-fs"), "boot_uuid": _uuid(ctx, "boot-fs"), "esp_uuid": fat_uuid(piece)}
     make_openeuler_shaped(root, boot, esp, kver, uuids)
     install_grub(ctx, root / "usr/lib/grub/arm64-efi", esp)
 
@@ -248,8 +262,6 @@ def build(ctx: BuildContext) -> None:
         disk.Partition(2, BOOT_START // SECTOR, BOOT_SIZE // SECTOR, LINUX_FS, name="boot"),
         disk.Partition(3, ROOT_START // SECTOR, root_size // SECTOR, LINUX_FS, name="root")))
     disk.write_partition_table(raw, disk.with_seeded_ids(table, ctx.seed("partition-table")))
-    piece = ctx.work / "esp.img"
-    vfat.make_filesystem(piece, ESP_SIZE, volume_id=volume_id, epoch=ctx.source_date_epoch)
     vfat.copy_tree(piece, esp, ctx.source_date_epoch)
     disk.write_range(piece, raw, ESP_START)
     for tree, start, size, fs_uuid, label in ((boot, BOOT_START, BOOT_SIZE, uuids["boot_uuid"], "boot"),

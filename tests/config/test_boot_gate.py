@@ -1,5 +1,6 @@
-"""Publishing waits for the boot proof: `ami:<cell>` depends on `boot:<cell>` of the same disk unless
-`[tool.eulerbake.aws] boot_check = false`, and the receipt's target says which it was."""
+"""Publishing waits for the boot proof: `ami:<cell>` depends on `boot:<cell>` of the same disk (and `maas-upload`
+on `boot:<cell>:maas`, the installed disk maas-tgz packs) unless
+`boot_check = false` in `[tool.eulerbake.aws]` (`.maas`); the receipt's target says which it was."""
 
 from __future__ import annotations
 
@@ -45,3 +46,18 @@ def test_a_boot_check_that_is_not_a_switch_is_one_message(write_config: WriteCon
     with pytest.raises(EulerbakeError, match=r"tool\.eulerbake\.aws\.boot_check = 'maybe' is not a switch") as caught:
         _nodes()
     assert "true or false" in (caught.value.hint or "")
+
+
+def test_the_maas_upload_depends_on_the_boot_proof_of_the_installed_disk(write_config: WriteConfig) -> None:
+    write_config("[tool.eulerbake]\n")
+    label = ":".join(CELL)
+    nodes = _nodes()
+    upload, proof = nodes[f"maas-upload:{label}"], nodes[f"boot:{label}:maas"]
+    tarball = upload.inputs["tgz"]  # type: ignore[attr-defined]
+    assert upload.inputs["boot_check"] is proof and upload.target["boot_check"] == "on"  # type: ignore[attr-defined]
+    assert proof.inputs["raw"] is tarball.inputs["image"]  # type: ignore[attr-defined]  # the disk it packs
+    assert proof.params.hygiene is False and proof.params.expect_module == ""  # type: ignore[attr-defined]
+    write_config("[tool.eulerbake.maas]\nboot_check = false\n")
+    unchecked = _nodes()[f"maas-upload:{label}"]
+    assert "boot_check" not in unchecked.inputs and unchecked.target["boot_check"] == "off"  # type: ignore[attr-defined]
+    assert unchecked.key != upload.key  # type: ignore[attr-defined]
