@@ -615,7 +615,7 @@ def boot(label: str, raw: Derivation, *, arch: str, expect_module: str | None = 
     if disk not in DISKS:
         raise EulerbakeError(f"unknown boot disk {disk!r}", hint=f"use one of {', '.join(DISKS)}")
     if hygiene is None:  # a raw stage's items; a disk from elsewhere (packer-maas) went through none
-        hygiene = bool(getattr(raw.params, "hygiene", False))
+        hygiene = raw.stage == "raw" and bool(getattr(raw.params, "hygiene", True))
     code, variables, package = FIRMWARE[arch]
     inputs: dict[str, Derivation | LocalTree | Firmware] = {
         "raw": raw, "templates": LocalTree(TEMPLATES), "firmware": Firmware(code, package)}

@@ -140,6 +140,8 @@ def test_factory() -> None:
     assert stage.boot("t", _raw(PARAMS.__class__(**{**PARAMS.__dict__, "hygiene": False})),
                       arch="x86_64").params.hygiene is False
     assert "firmware-vars" in stage.boot("t", _raw({}), arch="aarch64").inputs
+    installed = Derivation(stage="packer-maas", label="t", builder=stage.build, params={})
+    assert stage.boot("t", installed, arch="x86_64").params.hygiene is False  # only a raw stage did hygiene
     with pytest.raises(EulerbakeError, match="unknown boot disk"):
         stage.boot("t", _raw({}), arch="x86_64", disk="sata")
     with pytest.raises(EulerbakeError, match="unknown architecture"):

@@ -115,11 +115,27 @@ class Project:
                 dicts = planning.plan_dicts(self, dicts, self.cache_settings, requested)
         stage_docs: dict[str, str] = {}
         for node, entry in zip(self.nodes, dicts, strict=True):
-            if node.kind == "fixed-output":
-                doc = "fetch pinned sources (size, sha256 and blake3 verified)"
-            else:
-                doc = node.doc or entry["doc"]
-            stage_docs.setdefault(entry["basename"], doc.split(" for ")[0] if doc else "")
+            if entry["basename"] not in stage_docs:
+                stage_docs[entry["basename"]] = stage_doc(node, entry["basename"])
         for stage, doc in stage_docs.items():
             yield {"basename": stage, "name": None, "doc": doc}
         yield from dicts
+
+
+def stage_doc(node: Node, stage: str) -> str:
+    """What a stage's group task does (`doit list`): its module's first sentence, not one task's text.
+
+    The module is the builder's (a derivation) or the publisher's (a publication); a stage's module starts
+    "Stage `x`: …" (STYLE: one module per stage), which is cut off.
+    """
+    if node.kind == "fixed-output":
+        return "fetch pinned sources (size, sha256 and blake3 verified)"
+    owner = getattr(node, "builder", None) or getattr(node, "publisher", None)
+    module = sys.modules.get(getattr(owner, "__module__", "") or type(owner).__module__)
+    text = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split()) if module is not None else ""
+    for prefix in (f"Stage `{stage}`: ", f"Publication `{stage}`: "):
+        text = text.removeprefix(prefix)
+    sentence = text.split(". ")[0].rstrip(".")
+    if not sentence:
+        return f"every {stage} task"
+    return sentence if len(sentence) <= 110 else sentence[:107].rstrip() + "…"
