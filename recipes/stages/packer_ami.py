@@ -133,14 +133,16 @@ class PackerPublisher:
         ctx.log(f"packer-ami: packer build {HCL}: {description['source_ami']} in {region} → {description['ami_name']}"
                 " (an EC2 instance runs install-cloudinit.sh; typically 10-20 minutes)")
         # No timeout: killing packer would leave its instance running; its own AWS waits are bounded.
+        def progress(line: str) -> None:  # what packer says, as it says it (a build takes minutes)
+            for message in ui_messages(line, "say"):
+                for said in message.strip().splitlines():
+                    ctx.log(f"packer-ami: {said}")
+
         with packer_environment(ctx.work) as env:
             proc = run(["packer", "build", "-machine-readable", "-var", f"ssh_private_key_file={key}",
                         "-var", f"{TAG}={ctx.key}", template / HCL], cwd=ctx.work, env={**ctx.secrets, **env},
-                       check=False)
+                       check=False, on_line=progress)
         output = proc.stdout.decode(errors="replace")
-        for message in ui_messages(output, "say"):
-            for line in message.strip().splitlines():
-                ctx.log(f"packer-ami: {line}")
         if proc.returncode != 0:
             said = [line for message in ui_messages(output, "message") for line in message.splitlines() if line.strip()]
             errors = ui_messages(output, "error") or [proc.stderr.decode(errors="replace")]

@@ -211,8 +211,14 @@ def _build_image(ctx: BuildContext, params: Params) -> None:
         variables += ["-var", f"efi_vars={ctx.work / 'efivars.fd'}"]
     log_file = ctx.work / "packer-build.log"
     ctx.log(f"packer-maas: packer build (installing openEuler {params.release} {params.arch}; log in {log_file})")
-    with log_file.open("wb") as log:
-        _packer(["build", *variables, "openeuler.pkr.hcl"], build_dir, ctx.work, stdout=log.fileno(),
+    with log_file.open("w") as log:
+        def progress(line: str) -> None:  # packer's lines as they come: the install takes an hour or more
+            log.write(line + "\n")
+            log.flush()
+            if line.strip():
+                ctx.log(f"packer-maas: {line.strip()}")
+
+        _packer(["build", *variables, "openeuler.pkr.hcl"], build_dir, ctx.work, on_line=progress,
                 timeout=params.build_timeout)
     disk = output / disk_name(params)
     if not disk.is_file():

@@ -85,3 +85,37 @@ def test_outputs_are_read_only_and_reproducible(tmp_path: Path) -> None:
     assert (one.path / "x").stat().st_mode & 0o777 == 0o444
     assert (one.path / "x").stat().st_mtime == (two.path / "x").stat().st_mtime
     assert Store(tmp_path / "a").realise(drv).built is False
+
+
+def test_on_line_streams_stdout_while_the_tool_runs(tmp_path: Path) -> None:
+    """The tool waits for a file that only the callback for its first line creates: no streaming, no end."""
+    flag = tmp_path / "seen"
+    script = f"echo ready; echo to-stderr >&2; while [ ! -e {flag} ]; do sleep 0.05; done; echo done"
+    seen: list[str] = []
+
+    def on_line(line: str) -> None:
+        seen.append(line)
+        if line == "ready":
+            flag.touch()
+
+    proc = run(["sh", "-c", script], on_line=on_line, timeout=20)
+    assert seen == ["ready", "done"] and proc.stdout == b"ready\ndone\n" and proc.stderr == b"to-stderr\n"
+    with pytest.raises(CommandError, match="exit code 3"):
+        run(["sh", "-c", "echo partial; exit 3"], on_line=seen.append)
+
+
+def test_on_line_timeout_stops_the_tool_and_its_children(tmp_path: Path) -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(EulerbakeError, match="timed out after 0.5s"):
+        run(["sh", "-c", "echo a; sleep 30; echo b"], on_line=lambda _line: None, timeout=0.5)
+    assert time.monotonic() - started < 10  # the sleep, holding stdout, was killed with its shell
+
+    def refuse(_line: str) -> None:
+        raise RuntimeError("stop")
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="stop"):
+        run(["sh", "-c", "echo a; sleep 30"], on_line=refuse)
+    assert time.monotonic() - started < 10

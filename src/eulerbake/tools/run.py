@@ -3,17 +3,22 @@
 Every tool is started with stdin from /dev/null (unless input is given), a clean, explicit
 environment, the command logged with `shlex.join`, and stderr kept so a failure can show its tail
 together with a copy-pasteable command line. A missing tool names the Debian package to install.
+`on_line` streams a long tool's stdout line by line while it runs (progress for hour-long builds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,28 +135,35 @@ def run(
     timeout: float | None = None,
     check: bool = True,
     stdout: int | None = subprocess.PIPE,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `cmd` and return the completed process; raise `CommandError` on failure.
 
     stdout is captured unless `stdout` says otherwise; stderr is always captured. `env` adds to
-    the clean environment (see `clean_env`).
+    the clean environment (see `clean_env`). With `on_line`, each stdout line (without its newline)
+    is handed to it as it arrives, and the whole stdout is still returned.
     """
     argv = [os.fspath(part) for part in cmd]
     argv[0] = require_tool(argv[0]) if os.sep not in argv[0] else argv[0]
     log.debug("+ %s", shlex.join(argv))
     started = time.monotonic()
     try:
-        proc = subprocess.run(
-            argv,
-            cwd=cwd,
-            env=clean_env(env),
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            timeout=timeout,
-            check=False,
-        )
+        if on_line is not None:
+            if input is not None:
+                raise ValueError("run(): on_line and input cannot be combined")
+            proc = _streamed(argv, cwd, clean_env(env), timeout, on_line)
+        else:
+            proc = subprocess.run(
+                argv,
+                cwd=cwd,
+                env=clean_env(env),
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                timeout=timeout,
+                check=False,
+            )
     except subprocess.TimeoutExpired as exc:
         raise EulerbakeError(
             f"command timed out after {timeout}s: {shlex.join(argv)}",
@@ -168,6 +180,47 @@ def run(
             output = proc.stdout.decode(errors="replace")
         raise CommandError([os.path.basename(argv[0]), *argv[1:]], proc.returncode, tail(output), cwd)
     return proc
+
+
+def _streamed(argv: list[str], cwd: Path | None, env: dict[str, str], timeout: float | None,
+              on_line: Callable[[str], None]) -> subprocess.CompletedProcess[bytes]:
+    """subprocess.run for `run(on_line=…)`: stdout read line by line, stderr drained by a thread."""
+    # Its own process group, so a timeout or an interrupt stops the tool's children too (they hold stdout).
+    child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+
+    assert child.stdout is not None and child.stderr is not None
+    errors: list[bytes] = []
+    drain = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    drain.start()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        kill()
+
+    timer = threading.Timer(timeout, expire) if timeout else None
+    if timer is not None:
+        timer.start()
+    lines: list[bytes] = []
+    try:
+        for raw in child.stdout:
+            lines.append(raw)
+            on_line(raw.decode(errors="replace").rstrip("\r\n"))
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if sys.exc_info()[0] is not None:  # on_line raised, or an interrupt: do not leave the tool running
+            kill()
+        child.wait()
+        drain.join()
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(argv, timeout or 0)
+    return subprocess.CompletedProcess(argv, child.returncode, b"".join(lines), b"".join(errors))
 
 
 def run_text(cmd: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
