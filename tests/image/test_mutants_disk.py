@@ -139,7 +139,8 @@ def test_reading_a_disk_without_a_table_says_so(tmp_path: Path) -> None:
     blank.write_bytes(bytes(1024 * 1024))
     with pytest.raises(EulerbakeError) as err:
         disk.read_partition_table(blank)
-    assert err.value.message.startswith("blank.raw has no partition table (")
+    assert err.value.message.startswith("blank.raw has no partition table (sfdisk: ")
+    assert err.value.message.endswith("blank.raw: does not contain a recognized partition table)")  # its last line
 
 
 def test_an_empty_gpt_label_reads_as_no_partitions(tmp_path: Path) -> None:

@@ -123,3 +123,60 @@ def test_a_checksum_file_without_the_file_names_where_it_looked(published: dict[
     with pytest.raises(EulerbakeError) as err:
         check_upstream_checksum(request("https://a.example/x.qcow2"), fetched("https://a.example/x.qcow2"))
     assert "https://a.example/x.qcow2.sha256sum" in str(err.value)
+
+
+def test_pin_source_fetches_under_the_sources_lock_with_the_callers_policy(
+        tmp_path: Path, published: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from eulerbake.fetch.lock import pin_source
+    from eulerbake.store.local import Store
+
+    store = Store(tmp_path / "store")
+    policy = fetch.RetryPolicy(attempts=1)
+    calls: list[dict[str, Any]] = []
+
+    def fetch_first(locations: Any, partial: Path, **options: Any) -> fetch.Fetched:
+        calls.append({"locations": locations, **options})
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(b"abc")
+        import hashlib
+
+        import blake3
+        return fetch.Fetched(locations[0], partial, 3, hashlib.sha256(b"abc").hexdigest(),
+                             blake3.blake3(b"abc").hexdigest(), False)
+
+    monkeypatch.setattr(fetch, "fetch_first", fetch_first)
+    req = request("https://a.example/x.qcow2")
+    said: list[str] = []
+    unpinned = FixedOutput("x.qcow2", req.source.urls, "", "", -1)
+    store.open_stat_cache()
+    release = threading.Event()
+    got: list[LockEntry] = []
+
+    def hold() -> None:
+        with store.lock(unpinned.key):
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.2)
+    worker = threading.Thread(target=lambda: got.append(pin_source(req, store, said.append, policy)))
+    worker.start()
+    time.sleep(0.5)
+    assert worker.is_alive() and calls == []  # another pin of the same source is running
+    release.set()
+    worker.join(10)
+    holder.join(10)
+    assert said[0] == f"waiting for another build of {unpinned.key} to finish"
+    assert calls == [{"locations": req.source.urls, "label": "id", "log": said.append, "policy": policy}]
+    assert [call[1] for call in published["calls"]] == [policy]
+    assert got[0].size == 3 and store.has(dataclass_replace(req.source, sha256=got[0].sha256,
+                                                             blake3=got[0].blake3, size=3))
+
+
+def dataclass_replace(source: FixedOutput, **changes: Any) -> FixedOutput:
+    import dataclasses
+
+    return dataclasses.replace(source, **changes)
