@@ -150,3 +150,65 @@ def test_hash_tree_files_gives_the_tree_hash_and_each_files_hash(tmp_path: Path)
     assert hashing.hash_tree_files(tmp_path / "d") == (
         hashing.hash_tree(tmp_path / "d", use_cache=False),
         {"a": hashing.hash_bytes(b"a"), "sub/b": hashing.hash_bytes(b"b")})
+
+
+def test_hash_file_pair_without_a_stat_cache(tmp_path: Path) -> None:
+    import hashlib
+
+    hashing.use_stat_cache(None)
+    path = old_file(tmp_path / "data", "abc")
+    assert hashing.hash_file_pair(path) == (hashing.hash_bytes(b"abc"), hashlib.sha256(b"abc").hexdigest())
+
+
+module_level_lambda = lambda ctx: None  # noqa: E731  (a builder doit could not pickle by name)
+
+
+def test_builders_must_be_named_module_level_functions() -> None:
+    from eulerbake.core.derivation import builder_ref
+    from eulerbake.core.errors import EulerbakeError
+
+    def nested(ctx: BuildContext) -> None:
+        pass
+
+    assert builder_ref(noop) == (__name__, "noop")
+    for builder in (nested, module_level_lambda):
+        with pytest.raises(EulerbakeError, match="must be a module-level function"):
+            builder_ref(builder)
+
+
+def test_names_labels_and_docs_by_default() -> None:
+    from eulerbake.core.derivation import FixedOutput
+
+    assert Derivation("s", "", noop).name == "s"
+    assert Derivation("s", "a:b", noop).name == "s-a-b"
+    unpinned = FixedOutput("f.tar", (), "", "", -1)
+    assert (unpinned.label, unpinned.doc) == ("f.tar", "fetch f.tar (NOT pinned: run eulerbake lock)")
+    pinned = FixedOutput("f.tar", (), "5" * 64, "6" * 64, 0)
+    assert (pinned.label, pinned.doc) == ("f.tar", "fetch f.tar (pinned)")
+    named = FixedOutput("f.tar", (), "", "", -1, label="src", doc="the sources")
+    assert (named.label, named.doc) == ("src", "the sources")
+
+
+def test_a_sources_known_output_hash_is_the_tree_hash_of_its_file(tmp_path: Path) -> None:
+    from eulerbake.core.derivation import FixedOutput
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "f.tar").write_bytes(b"bytes")
+    source = FixedOutput("f.tar", (), "5" * 64, hashing.hash_bytes(b"bytes"), 5)
+    assert source.known_output_hash() == hashing.hash_tree(tmp_path / "out", use_cache=False)
+
+
+def test_hash_tree_files_reads_the_disk_not_the_stat_cache(stat_cache: Path, tmp_path: Path) -> None:
+    old_file(tmp_path / "d" / "a", "a")
+    hashing.hash_tree(tmp_path / "d")  # remembered
+    before = hashing.STATS.cache_hits
+    hashing.hash_tree_files(tmp_path / "d")
+    assert hashing.STATS.cache_hits == before
+
+
+def test_a_stat_cache_that_cannot_be_written_is_only_a_miss(tmp_path: Path) -> None:
+    path = old_file(tmp_path / "f", "x")
+    cache = hashing.StatCache(tmp_path / "c.sqlite3")
+    cache._conn.close()  # as good as a full disk or a read-only store
+    cache.remember(path, path.stat(), "b3", None)
+    assert hashing.StatCache(tmp_path / "c.sqlite3").lookup(path, path.stat()) is None

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from eulerbake.core.derivation import BuildContext, Derivation
+from eulerbake.core import hashing
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store.local import GC_LOCK, NO_REBUILD_CORRUPT_ENV, Store
 
@@ -262,3 +263,37 @@ def test_gc_keeps_an_entry_whose_input_is_gone(chain: tuple[Store, dict[str, Der
     doomed = store.gc({nodes["top"].key}, log=quiet)
     assert [meta["key"] for meta in doomed] == [nodes["other"].key]
     assert store.has(nodes["middle"]) and store.has(nodes["top"])
+
+
+class Cache:
+    """A substituter whose entry of a source holds `content`, claimed to hash as the pinned file would."""
+
+    url = "test://cache"
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    def fetch(self, node: Derivation, out: Path, log: Callable[[str], None]) -> dict[str, object]:
+        out.mkdir()
+        (out / node.store_name).write_bytes(self.content)
+        return {"key": node.key, "name": node.store_name, "task": node.task_name, "kind": node.kind,
+                "manifest": node.manifest, "output": {"hash": node.known_output_hash()}}
+
+
+def pinned_source(tmp_path: Path) -> FixedOutput:
+    import hashlib
+
+    (tmp_path / "upstream.tar").write_bytes(b"the real bytes")
+    return FixedOutput("src.tar", (str(tmp_path / "upstream.tar"),), hashlib.sha256(b"the real bytes").hexdigest(),
+                       hashing.hash_bytes(b"the real bytes"), len(b"the real bytes"))
+
+
+def test_a_cached_source_is_hashed_from_disk_before_it_is_committed(tmp_path: Path) -> None:
+    source = pinned_source(tmp_path)
+    said: list[str] = []
+    forged = Store(tmp_path / "forged", substituters=[Cache(b"other bytes!!!")])
+    result = forged.realise(source, log=said.append)
+    assert not result.substituted and (result.path / "src.tar").read_bytes() == b"the real bytes"
+    assert any("not taken from test://cache" in line for line in said)
+    genuine = Store(tmp_path / "genuine", substituters=[Cache(b"the real bytes")])
+    assert genuine.realise(source, log=quiet).substituted

@@ -150,3 +150,10 @@ def test_an_empty_gpt_label_reads_as_no_partitions(tmp_path: Path) -> None:
     disk.write_partition_table(image, empty)
     table = disk.read_partition_table(image)
     assert (table.label, table.id, table.partitions, table.sector_size) == ("gpt", empty.id, (), 512)
+
+
+def test_the_smallest_disk_holds_every_partition_and_the_gpt_backup() -> None:
+    assert GPT.min_disk_bytes() == (2048 + 1000 + 33) * 4096
+    dos = disk.PartitionTable("dos", "0x1", (disk.Partition(1, 2048, 10, "83"), disk.Partition(2, 100, 5, "83")))
+    assert dos.min_disk_bytes() == (2048 + 10) * 512
+    assert disk.PartitionTable("dos", "0x1", ()).min_disk_bytes() == 0

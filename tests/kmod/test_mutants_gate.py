@@ -73,6 +73,11 @@ def test_check_version_ok_missing_and_mismatching_crcs() -> None:
         "another build of the kernel", "hello: disagrees about version of symbol kfree", REBUILD, "ENOEXEC")
 
 
+def test_an_export_without_a_crc_needs_none() -> None:
+    assert check_version(module(None), target(), "printk", None, "symbols") == \
+        Finding("symbols", "ok", "printk: the kernel exports it without a CRC")
+
+
 def test_without_a_crc_table_only_force_load_lets_a_module_in() -> None:
     mod = module(None, struct_name="hello_s")
     assert check_version(mod, target(True), "module_layout", 0x1, "layout") == Finding(
@@ -86,8 +91,9 @@ def test_without_a_crc_table_only_force_load_lets_a_module_in() -> None:
         "layout", "fail", "module_layout: the module has no CRC table, and the kernel has no "
         "CONFIG_MODULE_FORCE_LOAD", "", REBUILD + " so it carries __versions and a vermagic")
     hidden = replace(mod, versions_unallocated=True)
-    assert "(its __versions lacks SHF_ALLOC, so the loader ignores it)" in \
-        check_version(hidden, target(False), "module_layout", 0x1, "layout").message
+    assert check_version(hidden, target(False), "module_layout", 0x1, "layout").message == (
+        "module_layout: the module has no CRC table (its __versions lacks SHF_ALLOC, so the loader ignores it), "
+        "and the kernel has no CONFIG_MODULE_FORCE_LOAD")
 
 
 def test_force_load_names_the_check_and_the_module() -> None:
