@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from eulerbake.core import hashing
-from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput
+from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store.local import GC_LOCK, NO_REBUILD_CORRUPT_ENV, Store
 
@@ -297,3 +297,47 @@ def test_a_cached_source_is_hashed_from_disk_before_it_is_committed(tmp_path: Pa
     assert any("not taken from test://cache" in line for line in said)
     genuine = Store(tmp_path / "genuine", substituters=[Cache(b"the real bytes")])
     assert genuine.realise(source, log=quiet).substituted
+
+
+def write_tree(ctx: BuildContext) -> None:
+    (ctx.out / "sub").mkdir()
+    (ctx.out / "sub" / "data").write_text("data")
+    (ctx.out / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(ctx.out / "run.sh", 0o755)
+
+
+def test_the_committed_metadata_and_seal_record_are_exact(tmp_path: Path) -> None:
+    import json
+    import stat
+
+    store = Store(tmp_path / "store")
+    drv = Derivation("mutants", "tree", write_tree)
+    path = store.realise(drv, log=quiet).path
+    text = store.meta_path(drv).read_text()
+    meta = json.loads(text)
+    assert text == json.dumps(meta, indent=2, sort_keys=True)
+    assert {k: meta[k] for k in ("key", "name", "task", "kind")} == {
+        "key": drv.key, "name": "mutants-tree", "task": "mutants:tree", "kind": "derivation"}
+    assert meta["manifest"] == drv.manifest
+    assert meta["output"] == {"hash": hashing.hash_tree(path, use_cache=False), "size": hashing.tree_size(path)}
+    record = store.seal_path(drv.key).read_text()
+    assert record == json.dumps(json.loads(record), sort_keys=True)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (path, path / "sub", path / "sub" / "data",
+                                                             path / "run.sh")}
+    assert modes == {path.name: 0o555, "sub": 0o555, "data": 0o444, "run.sh": 0o555}
+    assert {p.stat().st_mtime for p in (path, path / "sub", path / "run.sh")} == {1_700_000_000}
+
+
+def edit_own_input(ctx: BuildContext) -> None:
+    Path(ctx.params["input"]).write_text("edited while building")
+    (ctx.out / "x").write_text("x")
+
+
+def test_an_input_edited_during_the_build_discards_the_output(tmp_path: Path) -> None:
+    source = tmp_path / "input.txt"
+    source.write_text("before")
+    store = Store(tmp_path / "store")
+    drv = Derivation("mutants", "edit", edit_own_input, {"input": LocalFile(source)}, {"input": str(source)})
+    with pytest.raises(EulerbakeError, match=f"input {source} changed while mutants:edit was building"):
+        store.realise(drv, log=quiet)
+    assert not store.meta_path(drv).exists()
