@@ -22,8 +22,8 @@ its own apt state, the headers of exactly the kernel it installed (linux-headers
 package and the amd64 linux-kbuild whose fixdep/modpost run on this host) into the image's output;
 `debian_arm64_headers()` merges them into one self-contained kbuild tree for `kernel-headers`.
 
-Seen here (2 cores, 2026-12-04): mmdebstrap ~6-7 min on a cold .deb cache (arm64 maintainer scripts and
-mkinitramfs under qemu-user), the rest ~20 s.
+Seen here (2 cores, 2026-12-04): the image ~8 min (465-475 s) whether or not the .debs are cached: the
+arm64 maintainer scripts (py3compile above all) and mkinitramfs run under qemu-user; the headers ~20-35 s.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pytest
 from eulerbake.core import hashing
 from eulerbake.core.derivation import BuildContext, Derivation, FixedOutput, LocalFile
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.store import seal
 from eulerbake.store.local import GC_LOCK, NO_REBUILD_CORRUPT_ENV, Store
 
 
@@ -321,7 +322,8 @@ def test_the_committed_metadata_and_seal_record_are_exact(tmp_path: Path) -> Non
     assert meta["manifest"] == drv.manifest
     assert meta["output"] == {"hash": hashing.hash_tree(path, use_cache=False), "size": hashing.tree_size(path)}
     record = store.seal_path(drv.key).read_text()
-    assert record == json.dumps(json.loads(record), sort_keys=True)
+    assert record == seal.dumps(json.loads(record)) and record.startswith('{"stamp": "')
+    assert json.loads(record)["stamp"] == seal.stamp(path)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (path, path / "sub", path / "sub" / "data",
                                                              path / "run.sh")}
     assert modes == {path.name: 0o555, "sub": 0o555, "data": 0o444, "run.sh": 0o555}

@@ -140,6 +140,19 @@ def test_esp_passes_fsck(built: dict[str, Built], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout.decode()
 
 
+def test_fstab_names_the_esp_by_the_id_it_really_has(built: dict[str, Built], tmp_path: Path) -> None:
+    """The ESP's volume id is the seeded one fstab was written with (mkfs.vfat's --invariant once replaced it
+    with 1234-ABCD, and a booted image waited for a /boot/efi that never came)."""
+    raw = built["aarch64"].disk
+    esp = disk.read_partition_table(raw).partition(1)
+    image = tmp_path / "esp.img"
+    disk.extract_range(raw, "raw", esp.offset(), esp.length(), image)
+    real = run_text(["blkid", "-o", "value", "-s", "UUID", image]).strip()
+    assert real and real != "1234-ABCD"
+    fstab = debugfs_cat(_spec(raw, ROOT_NUMBER["aarch64"]), "/etc/fstab").decode()
+    assert f"UUID={real} " in fstab and " /boot/efi " in fstab
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_overlays_are_injected_with_mode_and_owner(arch: str, built: dict[str, Built], tmp_path: Path) -> None:
     spec = _spec(built[arch].disk, ROOT_NUMBER[arch])

@@ -37,7 +37,8 @@ def make_filesystem(image: Path, size: int, *, volume_id: str, epoch: int, label
     """mkfs.vfat (FAT32) into a new sparse file with a fixed volume id and no clock-derived fields."""
     with image.open("wb") as handle:
         handle.truncate(size)
-    cmd: list[str | Path] = ["mkfs.vfat", "-F", "32", "-i", volume_id, "--invariant"]
+    # --invariant first: given after -i (dosfstools 4.2) it replaces the volume id with its constant 1234-ABCD.
+    cmd: list[str | Path] = ["mkfs.vfat", "-F", "32", "--invariant", "-i", volume_id]
     if label:
         cmd += ["-n", label]
     run([*cmd, image], env=_env(epoch))

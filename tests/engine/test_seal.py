@@ -1,0 +1,169 @@
+"""The seal of a store entry, directly: what `seal` sets, what `record` writes, what `check` and the stamp
+shortcut find for each way a sealed tree can change (each case a distinct message)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from eulerbake.core import hashing
+from eulerbake.store import seal
+
+EPOCH = 1_700_000_000
+
+
+def _tree(root: Path) -> Path:
+    """A small entry: a file, an executable, a nested file, a symlink, an empty directory; sealed."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "a.txt").write_text("alpha\n")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(root / "run.sh", 0o755)
+    (root / "sub" / "deeper" / "b.bin").write_bytes(b"\x00\x01" * 100)
+    os.symlink("a.txt", root / "link")
+    seal.seal(root, EPOCH)
+    return root
+
+
+@pytest.fixture
+def sealed(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    root = _tree(tmp_path / "entry")
+    return root, seal.record(root)
+
+
+def _writable(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+def test_seal_sets_modes_and_times_and_leaves_links_alone(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "entry")
+    modes = {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in root.rglob("*") if not p.is_symlink()}
+    assert modes == {"a.txt": 0o444, "run.sh": 0o555, "sub": 0o555, "sub/deeper": 0o555,
+                     "sub/deeper/b.bin": 0o444, "empty": 0o555}
+    assert stat.S_IMODE(root.stat().st_mode) == 0o555
+    times = {p.lstat().st_mtime for p in [root, *root.rglob("*")]}
+    assert times == {EPOCH}  # the link itself too (not its target only)
+    assert os.readlink(root / "link") == "a.txt"
+
+
+def test_record_lists_every_entry_with_stats_and_hash(sealed: tuple[Path, dict[str, object]]) -> None:
+    root, record = sealed
+    entries = record["entries"]
+    assert isinstance(entries, dict) and record["format"] == 1 and record["stamp"] == seal.stamp(root)
+    assert sorted(entries) == ["a.txt", "empty", "link", "run.sh", "sub", "sub/deeper", "sub/deeper/b.bin"]
+    assert entries["link"] == ["l", "a.txt"] and entries["sub"] == ["d"] and entries["empty"] == ["d"]
+    st = (root / "a.txt").lstat()
+    assert entries["a.txt"] == ["f", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
+                                hashing.hash_file(root / "a.txt", use_cache=False)]
+    given = seal.record(root, {"a.txt": "given-digest"})["entries"]
+    assert given["a.txt"][-1] == "given-digest"  # type: ignore[index]
+    assert given["run.sh"][-1] == entries["run.sh"][-1]  # type: ignore[index]
+
+
+def test_dumps_puts_the_stamp_first_and_round_trips(sealed: tuple[Path, dict[str, object]]) -> None:
+    root, record = sealed
+    text = seal.dumps(record)
+    assert text.startswith(f'{{"stamp": "{record["stamp"]}", ') and json.loads(text) == record
+    assert seal.intact_by_stamp(root, text.encode()[:128])
+    assert not seal.intact_by_stamp(root, b'{"entries": {}}')  # a record from before stamps: no shortcut
+    assert not seal.intact_by_stamp(root, text.replace(str(record["stamp"]), "0" * 64).encode()[:128])
+    assert not seal.intact_by_stamp(root / "gone", text.encode()[:128])  # an unreadable tree is not intact
+
+
+def test_an_intact_tree_has_no_problems(sealed: tuple[Path, dict[str, object]]) -> None:
+    root, record = sealed
+    assert seal.check(root, record) == []
+    assert seal.stamp(root) == record["stamp"]
+
+
+def _change(root: Path, how: str) -> None:
+    _writable(root)
+    if how == "extra file":
+        (root / "sub" / "new.txt").write_text("new")
+    elif how == "removed file":
+        (root / "sub" / "deeper" / "b.bin").unlink()
+    elif how == "removed directory":
+        os.rmdir(root / "empty")
+    elif how == "file became a directory":
+        (root / "a.txt").unlink()
+        (root / "a.txt").mkdir()
+    elif how == "directory became a file":
+        os.rmdir(root / "empty")
+        (root / "empty").write_text("")
+    elif how == "link retargeted":
+        (root / "link").unlink()
+        os.symlink("run.sh", root / "link")
+    elif how == "link became a file":
+        (root / "link").unlink()
+        (root / "link").write_text("a.txt")
+    elif how == "same size, other bytes":
+        (root / "a.txt").write_text("ALPHA\n")
+    elif how == "other size":
+        (root / "a.txt").write_text("alpha, longer\n")
+    elif how == "replaced by a copy":  # same bytes, a new inode: the stamp moves, the content does not
+        data = (root / "a.txt").read_bytes()
+        (root / "a.txt").unlink()
+        (root / "a.txt").write_bytes(data)
+
+
+CHANGES = {
+    "extra file": ["sub/new.txt: not in the sealed entry"],
+    "removed file": ["sub/deeper/b.bin: missing"],
+    "removed directory": ["empty: missing"],
+    "file became a directory": ["a.txt: no longer a regular file"],
+    "directory became a file": ["empty: no longer a directory"],
+    "link retargeted": ["link: symlink changed"],
+    "link became a file": ["link: symlink changed"],
+    "same size, other bytes": ["a.txt: content changed since it was sealed"],
+    "other size": ["a.txt: content changed since it was sealed"],
+    "replaced by a copy": [],
+}
+
+
+@pytest.mark.parametrize("how", list(CHANGES))
+def test_each_change_is_named_and_moves_the_stamp(sealed: tuple[Path, dict[str, object]], how: str) -> None:
+    root, record = sealed
+    _change(root, how)
+    assert seal.check(root, record) == CHANGES[how]
+    assert seal.stamp(root) != record["stamp"]  # never the shortcut after a change, even a harmless one
+    assert not seal.intact_by_stamp(root, seal.dumps(record).encode()[:128])
+
+
+def test_a_size_change_is_found_without_hashing(sealed: tuple[Path, dict[str, object]],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    root, record = sealed
+    os.chmod(root / "a.txt", 0o644)  # only this file's stats move
+    (root / "a.txt").write_text("alpha, longer\n")
+    monkeypatch.setattr(hashing, "hash_file", lambda *_a, **_k: pytest.fail("hashed a file whose size moved"))
+    assert seal.check(root, record) == ["a.txt: content changed since it was sealed"]
+
+
+def test_an_untouched_tree_is_checked_without_hashing(sealed: tuple[Path, dict[str, object]],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root, record = sealed
+    monkeypatch.setattr(hashing, "hash_file", lambda *_a, **_k: pytest.fail("hashed a file whose stats held"))
+    assert seal.check(root, record) == []
+
+
+def test_a_tree_that_cannot_be_read_is_one_problem(sealed: tuple[Path, dict[str, object]]) -> None:
+    root, record = sealed
+    problems = seal.check(root / "nonexistent", record)
+    assert len(problems) == 1 and problems[0].startswith("unreadable: ")
+
+
+def test_the_stamp_follows_paths_not_listing_order(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root, names in ((one, ["x", "y", "z"]), (two, ["z", "y", "x"])):
+        root.mkdir()
+        for name in names:
+            (root / name).write_text(name)
+    assert seal.stamp(one) != seal.stamp(two)  # other inodes and times: other stamps
+    assert seal.stamp(one) == seal.stamp(one)
+    os.utime(one / "y", ns=(1, 1))
+    assert seal.stamp(one) != seal.stamp(one.parent / "two")
