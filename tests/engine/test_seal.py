@@ -25,6 +25,7 @@ def _tree(root: Path) -> Path:
     os.chmod(root / "run.sh", 0o755)
     (root / "sub" / "deeper" / "b.bin").write_bytes(b"\x00\x01" * 100)
     os.symlink("a.txt", root / "link")
+    os.symlink("sub", root / "dirlink")  # a link to a directory: listed as a link, never walked into
     seal.seal(root, EPOCH)
     return root
 
@@ -56,8 +57,8 @@ def test_record_lists_every_entry_with_stats_and_hash(sealed: tuple[Path, dict[s
     root, record = sealed
     entries = record["entries"]
     assert isinstance(entries, dict) and record["format"] == 1 and record["stamp"] == seal.stamp(root)
-    assert sorted(entries) == ["a.txt", "empty", "link", "run.sh", "sub", "sub/deeper", "sub/deeper/b.bin"]
-    assert entries["link"] == ["l", "a.txt"] and entries["sub"] == ["d"] and entries["empty"] == ["d"]
+    assert sorted(entries) == ["a.txt", "dirlink", "empty", "link", "run.sh", "sub", "sub/deeper", "sub/deeper/b.bin"]
+    assert entries["link"] == ["l", "a.txt"] and entries["dirlink"] == ["l", "sub"] and entries["sub"] == ["d"] and entries["empty"] == ["d"]
     st = (root / "a.txt").lstat()
     assert entries["a.txt"] == ["f", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
                                 hashing.hash_file(root / "a.txt", use_cache=False)]
@@ -106,6 +107,22 @@ def _change(root: Path, how: str) -> None:
         (root / "a.txt").write_text("ALPHA\n")
     elif how == "other size":
         (root / "a.txt").write_text("alpha, longer\n")
+    elif how == "file became a link":
+        (root / "a.txt").unlink()
+        os.symlink("run.sh", root / "a.txt")
+    elif how == "directory became a link":
+        os.rmdir(root / "empty")
+        os.symlink("sub", root / "empty")
+    elif how == "link re-created":  # the same target, a new inode
+        (root / "link").unlink()
+        os.symlink("a.txt", root / "link")
+    elif how == "written back with its old mtime":
+        before = (root / "a.txt").stat()
+        (root / "a.txt").write_text("ALPHA\n")
+        os.utime(root / "a.txt", ns=(before.st_atime_ns, before.st_mtime_ns))
+    elif how == "extra and missing":
+        (root / "new.txt").write_text("new")
+        (root / "run.sh").unlink()
     elif how == "replaced by a copy":  # same bytes, a new inode: the stamp moves, the content does not
         data = (root / "a.txt").read_bytes()
         (root / "a.txt").unlink()
@@ -122,6 +139,11 @@ CHANGES = {
     "link became a file": ["link: symlink changed"],
     "same size, other bytes": ["a.txt: content changed since it was sealed"],
     "other size": ["a.txt: content changed since it was sealed"],
+    "file became a link": ["a.txt: no longer a regular file"],
+    "directory became a link": ["empty: no longer a directory"],
+    "link re-created": [],
+    "written back with its old mtime": ["a.txt: content changed since it was sealed"],
+    "extra and missing": ["new.txt: not in the sealed entry", "run.sh: missing"],
     "replaced by a copy": [],
 }
 
@@ -130,9 +152,19 @@ CHANGES = {
 def test_each_change_is_named_and_moves_the_stamp(sealed: tuple[Path, dict[str, object]], how: str) -> None:
     root, record = sealed
     _change(root, how)
-    assert seal.check(root, record) == CHANGES[how]
+    assert sorted(seal.check(root, record)) == CHANGES[how]
     assert seal.stamp(root) != record["stamp"]  # never the shortcut after a change, even a harmless one
     assert not seal.intact_by_stamp(root, seal.dumps(record).encode()[:128])
+
+
+def test_a_link_made_again_moves_the_stamp(sealed: tuple[Path, dict[str, object]]) -> None:
+    """Only the link's own inode changes (its target's stats do not): the stamp reads the link, not the target."""
+    root, record = sealed
+    os.chmod(root, 0o755)  # the entry's top directory is not in the stamp (only what is below it)
+    (root / "link").unlink()
+    os.symlink("a.txt", root / "link")
+    assert seal.check(root, record) == []
+    assert seal.stamp(root) != record["stamp"]
 
 
 def test_a_size_change_is_found_without_hashing(sealed: tuple[Path, dict[str, object]],
@@ -149,6 +181,33 @@ def test_an_untouched_tree_is_checked_without_hashing(sealed: tuple[Path, dict[s
     root, record = sealed
     monkeypatch.setattr(hashing, "hash_file", lambda *_a, **_k: pytest.fail("hashed a file whose stats held"))
     assert seal.check(root, record) == []
+
+
+def test_a_record_without_entries_finds_every_entry_new(sealed: tuple[Path, dict[str, object]]) -> None:
+    root, _record = sealed
+    problems = seal.check(root, {"format": 1})
+    assert sorted(problems) == sorted(f"{name}: not in the sealed entry"
+                                      for name in ("a.txt", "dirlink", "empty", "link", "run.sh", "sub"))
+
+
+def test_every_missing_entry_is_named_when_half_are_gone(tmp_path: Path) -> None:
+    root = tmp_path / "entry"
+    root.mkdir()
+    for name in ("w", "x", "y", "z"):
+        (root / name).write_text(name)
+    record = seal.record(root)
+    (root / "x").unlink()
+    (root / "z").unlink()
+    assert sorted(seal.check(root, record)) == ["x: missing", "z: missing"]
+
+
+def test_an_unknown_entry_does_not_stop_the_check_of_its_directory(sealed: tuple[Path, dict[str, object]]) -> None:
+    root, record = sealed
+    _writable(root)
+    for index in range(30):  # readdir order is the directory's hash order: some come before a.txt
+        (root / f"new-{index:02d}").write_text("new")
+    (root / "a.txt").write_text("ALPHA\n")
+    assert "a.txt: content changed since it was sealed" in seal.check(root, record)
 
 
 def test_a_tree_that_cannot_be_read_is_one_problem(sealed: tuple[Path, dict[str, object]]) -> None:
