@@ -87,9 +87,11 @@ def test_each_problem_of_verify_has_its_exact_message(tmp_path: Path, monkeypatc
         return real_hash_tree(path, **kwargs)
 
     monkeypatch.setattr(hashing, "hash_tree", unreadable)
-    problems_now = [(Path(meta["path"]).name, problem) for meta, problem in store.verify()]
-    unread = [problem for name, problem in problems_now if name == names[fine["key"]]]
-    assert unread == [f"unreadable: [Errno 13] Permission denied: '{fine['path']}'"]
+    in_order = sorted(store.entries(), key=lambda meta: Path(meta["path"]).name)
+    in_order.remove(next(meta for meta in in_order if meta["key"] == fine["key"]))
+    problems_now = [(Path(meta["path"]).name, problem) for meta, problem in store.verify([store.read_meta(
+        Path(fine["path"] + ".json")), *in_order])]  # the unreadable one first
+    assert problems_now[0] == (names[fine["key"]], f"unreadable: [Errno 13] Permission denied: '{fine['path']}'")
     assert len(problems_now) == 5  # every other entry was still checked after it
 
 
@@ -164,3 +166,31 @@ def test_garbled_metadata_does_not_hide_the_entries_after_it(tmp_path: Path) -> 
     Path(first["path"] + ".json").write_text("{not json")
     listed = {meta["key"] for meta in store.entries()}
     assert listed == {meta["key"] for meta in metas} - {first["key"]}
+
+
+def test_an_intact_entry_is_checked_by_its_stamp_and_an_old_record_is_restamped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eulerbake.store import seal
+
+    store = Store(tmp_path / "store")
+    _drv, meta = _entry(store, "stamped")
+    path, record_file = Path(meta["path"]), store.seal_path(meta["key"])
+    real_check = seal.check
+    checks: list[Path] = []
+
+    def counted(tree: Path, sealed: dict[str, Any]) -> list[str]:
+        checks.append(tree)
+        return real_check(tree, sealed)
+
+    monkeypatch.setattr(seal, "check", counted)
+    assert store.seal_problems(meta["key"], path) == [] and checks == []  # the stamp alone said intact
+
+    record = json.loads(record_file.read_text())
+    del record["stamp"]
+    record_file.write_text(json.dumps(record, sort_keys=True))  # a record from before stamps
+    assert store.seal_problems(meta["key"], path) == [] and checks == [path]  # checked in full …
+    restamped = json.loads(record_file.read_text())
+    assert restamped == {**record, "stamp": seal.stamp(path)}  # … and stamped, for this key's record
+    assert record_file.read_text().startswith('{"stamp": "') and sorted(p.name for p in record_file.parent.iterdir()) \
+        == [record_file.name]
+    assert store.seal_problems(meta["key"], path) == [] and checks == [path]  # the shortcut again
