@@ -187,19 +187,19 @@ class Store:
     def seal_problems(self, key: str, path: Path) -> list[str]:
         """How an entry differs from its seal record (a missing or garbled record is a problem too)."""
         try:
+            now = seal.stamp(path)  # taken before any check: a write after it moves the stamp again
+        except OSError:
+            now = ""  # an unreadable tree: the full check below names it
+        try:
             with self.seal_path(key).open("rb") as f:
                 head = f.read(128)
-                if seal.intact_by_stamp(path, head):  # nothing moved: the whole record need not be read
+                if now and seal.recorded_stamp(head) == now:  # nothing moved: the record need not be read
                     return []
                 record = json.loads(head + f.read())
         except FileNotFoundError:
             return ["its seal record is missing"]
         except (OSError, ValueError) as exc:
             return [f"its seal record is unreadable: {exc}"]
-        try:
-            now = seal.stamp(path)  # taken before the check: a write after it moves the stamp again
-        except OSError:
-            now = ""
         problems = seal.check(path, record)
         if not problems and now and record.get("stamp") != now:
             self._restamp(key, record, now)

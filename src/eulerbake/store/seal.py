@@ -7,7 +7,7 @@ mtime_ns, inode, ctime_ns and blake3; for a symlink its target. Root ignores the
 used as an input or reported as cached, `check` compares the stats — one `lstat` per file — and
 re-hashes only a file whose stats moved. The record starts with a *stamp*, the blake3 of every entry's
 path and stats: when the tree's stamp is the recorded one, nothing moved, and the 2.7 MB record of the
-16,000-file kernel-headers entry is not even parsed (`intact_by_stamp`).
+16,000-file kernel-headers entry is not even parsed (`recorded_stamp`).
 """
 
 from __future__ import annotations
@@ -92,46 +92,42 @@ def _walk(path: Path) -> dict[str, os.DirEntry[str]]:
     return found
 
 
+def _stamp_line(relative: str, st: os.stat_result) -> str:
+    return f"{relative}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+
+
+def _stamp_of(lines: list[str]) -> str:
+    return blake3.blake3("\n".join(sorted(lines)).encode()).hexdigest()
+
+
 def stamp(path: Path) -> str:
     """blake3 of every entry's relative path, type and (size, mtime, inode, ctime), in sorted order.
 
     Equal to the stamp taken at sealing only if no entry was added, removed, replaced or written since
     (a write moves mtime/ctime, a replacement the inode): then `check` could find nothing either.
     """
-    lines = []
-    stack = [("", str(path))]
-    while stack:
-        prefix, directory = stack.pop()
-        with os.scandir(directory) as it:
-            for entry in it:
-                relative = prefix + entry.name
-                st = entry.stat(follow_symlinks=False)
-                lines.append(f"{relative}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}")
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append((relative + "/", entry.path))
-    lines.sort()
-    return blake3.blake3("\n".join(lines).encode()).hexdigest()
+    return _stamp_of([_stamp_line(relative, entry.stat(follow_symlinks=False))
+                      for relative, entry in _walk(path).items()])
 
 
 def dumps(sealed: dict[str, Any]) -> str:
-    """The record as stored: the stamp first, so `intact_by_stamp` reads it without parsing the rest."""
+    """The record as stored: the stamp first, so `recorded_stamp` reads it without parsing the rest."""
     return json.dumps({"stamp": sealed["stamp"], **{k: v for k, v in sorted(sealed.items()) if k != "stamp"}})
 
 
-def intact_by_stamp(path: Path, head: bytes) -> bool:
-    """True when the record beginning with `head` carries a stamp and the tree at `path` still has it."""
+def recorded_stamp(head: bytes) -> str | None:
+    """The stamp a stored record begins with (`head`: its first bytes), None for a record without one."""
     match = _STAMP_HEAD.match(head)
-    try:
-        return match is not None and stamp(path) == match.group(1).decode()
-    except OSError:
-        return False
+    return match.group(1).decode() if match else None
 
 
 def record(path: Path, hashes: dict[str, str] | None = None) -> dict[str, Any]:
     """The seal record of a sealed tree; `hashes` (relative path → blake3) saves re-reading files."""
     files: dict[str, list[Any]] = {}
+    lines = []
     for relative, entry in sorted(_walk(path).items()):
         st = entry.stat(follow_symlinks=False)
+        lines.append(_stamp_line(relative, st))  # the stamp of the very stats recorded
         if stat.S_ISREG(st.st_mode):
             digest = (hashes or {}).get(relative) or hashing.hash_file(Path(entry.path), use_cache=False)
             files[relative] = ["f", *_stats(st), digest]
@@ -139,7 +135,7 @@ def record(path: Path, hashes: dict[str, str] | None = None) -> dict[str, Any]:
             files[relative] = ["l", os.readlink(entry.path)]
         elif stat.S_ISDIR(st.st_mode):
             files[relative] = ["d"]
-    return {"stamp": stamp(path), "format": 1, "entries": files}
+    return {"stamp": _stamp_of(lines), "format": 1, "entries": files}
 
 
 def check(path: Path, sealed: dict[str, Any]) -> list[str]:
