@@ -193,9 +193,10 @@ def _streamed(argv: list[str], cwd: Path | None, env: dict[str, str], timeout: f
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
 
-    assert child.stdout is not None and child.stderr is not None
+    stdout, stderr = child.stdout, child.stderr
+    assert stdout is not None and stderr is not None
     errors: list[bytes] = []
-    drain = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    drain = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
     drain.start()
     expired = threading.Event()
 
@@ -208,7 +209,7 @@ def _streamed(argv: list[str], cwd: Path | None, env: dict[str, str], timeout: f
         timer.start()
     lines: list[bytes] = []
     try:
-        for raw in child.stdout:
+        for raw in stdout:
             lines.append(raw)
             on_line(raw.decode(errors="replace").rstrip("\r\n"))
     finally:
