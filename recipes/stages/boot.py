@@ -525,18 +525,18 @@ def disk_and_layout(given: Path, work: Path) -> tuple[Path, str, Path, dict[str,
     """
     if (given / "disk.raw").is_file() and (given / "disk.json").is_file():
         return given / "disk.raw", "raw", given / "disk.raw", json.loads((given / "disk.json").read_text())
-    images = sorted(given.glob("*.qcow2")) if given.is_dir() else [given]
-    if len(images) != 1:
+    found = disk.disk_image_in(given)
+    if found is None:
         raise EulerbakeError(f"{given} holds neither disk.raw + disk.json nor exactly one *.qcow2 image",
                              hint="boot the raw stage's output, or a stage whose output is one qcow2 (packer-maas)")
-    image = images[0]
-    fmt = disk.validate_qcow2(image).format
+    image = found[0]
+    info = disk.validate_qcow2(image)
     inspected = work / "inspect.raw"
-    run(["qemu-img", "convert", "-q", "-f", fmt, "-O", "raw", image, inspected])
+    run(["qemu-img", "convert", "-q", "-f", info.format, "-O", "raw", image, inspected])
     table = disk.read_partition_table(inspected)
     root = find_root_partition(inspected, scratch=work)
-    return image, fmt, inspected, {"table": table.to_json(), "root": root.number, "source": image.name,
-                                   "disk_size": disk.inspect_image(image).virtual_size}
+    return image, info.format, inspected, {"table": table.to_json(), "root": root.number, "source": image.name,
+                                           "disk_size": info.virtual_size}
 
 
 def build(ctx: BuildContext) -> None:

@@ -59,7 +59,6 @@ RPM_MACROS = "/etc/rpm/macros.dist"  # where the seed puts `%rhel 8`
 REDHAT_BOOT_ID = "redhat"  # curtin's EFI boot id for the rhel family
 EFI_ARCH = {"x86_64": ("x64", "x86_64-efi"), "aarch64": ("aa64", "arm64-efi")}  # (shim/grub suffix, grub target)
 CLOUD_INIT_NATIVE = (21, 4)  # distros/openEuler.py appeared in cloud-init 21.4
-QCOW2_MAGIC = b"QFI\xfb"
 SELINUX = "security.selinux"
 TOOLS = ("sfdisk", "qemu-img", "debugfs", "mcopy")  # table, qcow2 partitions, ext filesystems, FAT (ESP)
 
@@ -92,16 +91,11 @@ class Change:
 
 def _disk_of(given: Path) -> tuple[Path, str]:
     """(disk file, "raw" or "qcow2"): a derivation output holding disk.raw or one *.qcow2, or the file itself."""
-    if given.is_dir():
-        if (given / "disk.raw").is_file():
-            return given / "disk.raw", "raw"
-        found = sorted(given.glob("*.qcow2"))
-        if len(found) != 1:
-            raise EulerbakeError(f"{given} holds neither disk.raw nor exactly one *.qcow2 image",
-                                 hint="give maas-tgz the raw stage, the packer-maas stage or a disk image file")
-        given = found[0]
-    with given.open("rb") as handle:
-        return given, "qcow2" if handle.read(4) == QCOW2_MAGIC else "raw"
+    found = disk.disk_image_in(given)
+    if found is None:
+        raise EulerbakeError(f"{given} holds neither disk.raw nor exactly one *.qcow2 image",
+                             hint="give maas-tgz the raw stage, the packer-maas stage or a disk image file")
+    return found
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from eulerbake.core.errors import EulerbakeError
+from eulerbake.fs.disk import QCOW2_MAGIC
 from eulerbake.linux.gate import Verdict, check_module
 from eulerbake.linux.kernels import kind_of, read_kernel, trust_certificates
 from eulerbake.linux.target import KernelTarget
 from eulerbake.tools.run import CommandError, run, run_text
 
-QCOW2_MAGIC = b"QFI\xfb"
 EXT_MAGIC_OFFSET = 1080  # superblock at 1024 + s_magic at 56
 EXT_MAGIC = b"\x53\xef"
 MODULES_DIRS = ("/usr/lib/modules", "/lib/modules")  # usrmerged systems (openEuler) first

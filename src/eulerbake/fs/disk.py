@@ -86,6 +86,23 @@ def inspect_image(path: Path) -> ImageInfo:
     return ImageInfo(path, info["format"], int(info["virtual-size"]), int(info.get("actual-size", 0)))
 
 
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def disk_image_in(given: Path) -> tuple[Path, str] | None:
+    """(disk file, "raw" or "qcow2") of a stage output holding disk.raw or exactly one *.qcow2, or of a disk
+    image file itself (its format from its magic); None for a directory holding neither."""
+    if given.is_dir():
+        if (given / "disk.raw").is_file():
+            return given / "disk.raw", "raw"
+        found = sorted(given.glob("*.qcow2"))
+        if len(found) != 1:
+            return None
+        given = found[0]
+    with given.open("rb") as handle:
+        return given, "qcow2" if handle.read(4) == QCOW2_MAGIC else "raw"
+
+
 def validate_qcow2(path: Path) -> ImageInfo:
     """Check that `path` is a complete, consistent qcow2 image; return its info.
 
