@@ -224,7 +224,7 @@ def fat_uuid(piece: Path) -> str:
     """The FAT32 volume serial as blkid and fstab spell it ("1234-ABCD"), read from the boot sector.
 
     Read back, not assumed: dosfstools 4.2 mkfs.vfat lets a later `--invariant` replace the `-i` id
-    with 1234ABCD, which is what `eulerbake.fs.vfat.make_filesystem` passes (in that order).
+    with 1234ABCD (`eulerbake.fs.vfat.make_filesystem` passed them in that order until it was fixed).
     """
     with piece.open("rb") as handle:
         handle.seek(FAT32_VOLUME_ID)

@@ -11,12 +11,14 @@ root mode, when not run as root: the product itself stays rootless).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,7 @@ from recipes.sample import ENA_OVERLAY, debian_ena_chain, sample_kernel_release
 from recipes.stages.boot import boot
 from recipes.stages.image_modules import image_modules
 from recipes.stages.raw import raw
-from tests.boot.image import SOURCES, debian_image
+from tests.boot.image import SOURCES, STOCK_MACHINE_ID, debian_image
 
 LABEL = "debian:x86_64"
 IMAGE_STORE = Path(os.environ.get("EULERBAKE_BOOT_IMAGE_STORE")
@@ -137,3 +139,28 @@ def build_damaged_disk(ctx: BuildContext) -> None:
 def damaged_disk(raw_drv: Derivation) -> Derivation:
     return Derivation(stage="test-damaged", label=LABEL, builder=build_damaged_disk, inputs={"raw": raw_drv},
                       params={"damage": "dos partition entries zeroed"}, tools=("qemu-img",))
+
+
+def marker(report: dict[str, Any], name: str) -> str:
+    """The last value the seed's user-data printed for marker `name`."""
+    return str(report["markers"][name][-1])
+
+
+def assert_ena_and_hygiene(report: dict[str, Any], kernel_release: str) -> None:
+    """What every boot proof of a raw image asserts from inside the running system, on either arch: ena
+    loaded at boot from depmod's index (the overlay's extra/ena.ko) through modules-load.d, the hygiene
+    items, cloud-init's own result, and QEMU stopping after the report."""
+    assert "ena" in marker(report, "lsmod").split()
+    assert marker(report, "modprobe-path") == f"/lib/modules/{kernel_release}/extra/ena.ko"
+    assert marker(report, "modules-load-d") == "/etc/modules-load.d/ena.conf"
+    assert marker(report, "modprobe-install") == ""
+    assert "Inserted module 'ena'" in report["markers"]["modules-load-log"]
+    assert any("ena: Elastic Network Adapter (ENA)" in line for line in report["markers"]["kmsg"])
+    machine_id = marker(report, "machine-id")
+    assert re.fullmatch(r"[0-9a-f]{32}", machine_id) and machine_id != STOCK_MACHINE_ID
+    assert marker(report, "root-password") == "locked"
+    assert marker(report, "sshd-permitrootlogin") == "no"
+    assert marker(report, "sshd-passwordauthentication") == "no"
+    result = json.loads(marker(report, "cloud-init-result"))["v1"]
+    assert result["errors"] == [] and result["datasource"].startswith("DataSourceNoCloud")
+    assert report["qemu"]["seconds_to_report"] < report["qemu"]["seconds"] <= report["qemu"]["timeout"]

@@ -40,12 +40,11 @@ from recipes.stages.kmod_check import kmod_check
 from recipes.stages.raw import raw
 from tests.boot.arm64_image import (
     SOURCES,
-    STOCK_MACHINE_ID,
     arm64_kernel_release,
     debian_arm64_headers,
     debian_arm64_image,
 )
-from tests.boot.conftest import IMAGE_STORE, file_state
+from tests.boot.conftest import IMAGE_STORE, assert_ena_and_hygiene, file_state
 
 OPT_IN = "EULERBAKE_ARM64_PROOF"
 pytestmark = [
@@ -197,23 +196,7 @@ def test_the_arm64_image_boots_through_aavmf_and_its_own_grub_and_every_check_pa
     assert {"vfat", "nls_cp437"} <= set(_marker(report, "lsmod").split())  # /boot/efi mounted from the ESP
     assert _marker(report, "failed-units") == ""
 
-    # ena: the cross-built module, loaded at boot from depmod's index through modules-load.d.
-    assert "ena" in _marker(report, "lsmod").split()
-    assert _marker(report, "modprobe-path") == f"/lib/modules/{pipeline.kernel_release}/extra/ena.ko"
-    assert _marker(report, "modules-load-d") == "/etc/modules-load.d/ena.conf"
-    assert _marker(report, "modprobe-install") == ""
-    assert "Inserted module 'ena'" in report["markers"]["modules-load-log"]
-    assert any("ena: Elastic Network Adapter (ENA)" in line for line in report["markers"]["kmsg"])
-
-    # Hygiene, seen from inside the running system.
-    machine_id = _marker(report, "machine-id")
-    assert re.fullmatch(r"[0-9a-f]{32}", machine_id) and machine_id != STOCK_MACHINE_ID
-    assert _marker(report, "root-password") == "locked"
-    assert _marker(report, "sshd-permitrootlogin") == "no"
-    assert _marker(report, "sshd-passwordauthentication") == "no"
-    result = json.loads(_marker(report, "cloud-init-result"))["v1"]
-    assert result["errors"] == [] and result["datasource"].startswith("DataSourceNoCloud")
-    assert report["qemu"]["seconds_to_report"] < report["qemu"]["seconds"] <= report["qemu"]["timeout"]
+    assert_ena_and_hygiene(report, pipeline.kernel_release)
 
 
 def test_the_ena_module_is_an_aarch64_module(pipeline: Arm64Pipeline, good_boot: Arm64Boot) -> None:

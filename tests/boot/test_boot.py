@@ -21,8 +21,7 @@ from eulerbake.linux.gate import check_module
 from eulerbake.linux.target import KernelTarget
 from recipes.sample import ENA_OVERLAY
 from recipes.stages.raw import raw
-from tests.boot.conftest import LABEL, GoodBoot, Pipeline, damaged_disk, file_state
-from tests.boot.image import STOCK_MACHINE_ID
+from tests.boot.conftest import LABEL, GoodBoot, Pipeline, assert_ena_and_hygiene, damaged_disk, file_state
 from tests.kmod import modedit
 
 pytestmark = pytest.mark.slow
@@ -56,23 +55,7 @@ def test_the_image_boots_through_its_own_grub_and_every_check_passes(good_boot: 
     assert int(_marker(report, "root-device-bytes")) == 6 * GIB  # the raw stage's shrunk root
     assert 5.5 * GIB < int(_marker(report, "root-fs-bytes")) <= 6 * GIB
 
-    # ena: loaded at boot from depmod's index (the overlay's extra/ena.ko) through modules-load.d.
-    assert "ena" in _marker(report, "lsmod").split()
-    assert _marker(report, "modprobe-path") == f"/lib/modules/{pipeline.kernel_release}/extra/ena.ko"
-    assert _marker(report, "modules-load-d") == "/etc/modules-load.d/ena.conf"
-    assert _marker(report, "modprobe-install") == ""
-    assert "Inserted module 'ena'" in report["markers"]["modules-load-log"]
-    assert any("ena: Elastic Network Adapter (ENA)" in line for line in report["markers"]["kmsg"])
-
-    # Hygiene, seen from inside the running system.
-    machine_id = _marker(report, "machine-id")
-    assert re.fullmatch(r"[0-9a-f]{32}", machine_id) and machine_id != STOCK_MACHINE_ID
-    assert _marker(report, "root-password") == "locked"
-    assert _marker(report, "sshd-permitrootlogin") == "no"
-    assert _marker(report, "sshd-passwordauthentication") == "no"
-    result = json.loads(_marker(report, "cloud-init-result"))["v1"]
-    assert result["errors"] == [] and result["datasource"].startswith("DataSourceNoCloud")
-    assert report["qemu"]["seconds_to_report"] < report["qemu"]["seconds"] <= report["qemu"]["timeout"]
+    assert_ena_and_hygiene(report, pipeline.kernel_release)
 
 
 def test_the_store_copy_of_the_disk_is_never_written(good_boot: GoodBoot, pipeline: Pipeline) -> None:
