@@ -88,6 +88,28 @@ def test_a_forked_child_hashes_on_its_own_thread_with_its_own_cache(stat_cache: 
     assert hashing._stat_cache is parent_cache
 
 
+def test_a_forked_child_whose_cache_is_gone_hashes_without_one(stat_cache: Path, tmp_path: Path) -> None:
+    """A stat cache the child cannot open (its store deleted or made unreadable under a run; here a directory
+    took the database's name): the child hashes without a cache, never with the parent's connection."""
+    (tmp_path / "f").write_text("f")
+    for leftover in tmp_path.glob("cache.sqlite3*"):
+        leftover.unlink()
+    stat_cache.mkdir()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            seen = {"none": hashing._stat_cache is None, "hash": hashing.hash_file(tmp_path / "f")}
+            os.write(write, json.dumps(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        seen = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert seen == {"none": True, "hash": hashing.hash_bytes(b"f")}
+
+
 def test_a_consumer_names_each_kind_of_input_exactly(tmp_path: Path) -> None:
     from eulerbake.core.derivation import FixedOutput, input_manifest
 

@@ -194,3 +194,21 @@ def test_an_intact_entry_is_checked_by_its_stamp_and_an_old_record_is_restamped(
     assert record_file.read_text().startswith('{"stamp": "') and sorted(p.name for p in record_file.parent.iterdir()) \
         == [record_file.name]
     assert store.seal_problems(meta["key"], path) == [] and checks == [path]  # the shortcut again
+
+
+def test_a_stamp_that_cannot_be_taken_is_never_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the tree's stamp cannot be taken (an unreadable directory), the full check decides and the record
+    keeps the stamp it had: a placeholder written instead would make every later check a full one."""
+    from eulerbake.store import seal
+
+    store = Store(tmp_path / "store")
+    _drv, meta = _entry(store, "unstampable")
+    path, record_file = Path(meta["path"]), store.seal_path(meta["key"])
+    before = record_file.read_bytes()
+
+    def unreadable(_tree: Path) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(seal, "stamp", unreadable)
+    assert store.seal_problems(meta["key"], path) == []  # the full check found it intact
+    assert record_file.read_bytes() == before

@@ -38,7 +38,10 @@ def _after_fork_in_child() -> None:
     _threads = 1
     if _stat_cache is not None:  # an SQLite connection must not be shared across fork either
         _inherited.append(_stat_cache)  # kept, never closed: closing it would touch the parent's handle
-        _stat_cache = StatCache(_stat_cache.db_path)
+        try:
+            _stat_cache = StatCache(_stat_cache.db_path)
+        except (OSError, sqlite3.Error):
+            _stat_cache = None  # its directory is gone: the child hashes without a cache (never the parent's)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -148,17 +148,33 @@ class SecretKey:
         return f"{self.name}:{base64.b64encode(self.sign_raw(data)).decode()}"
 
     def write(self, directory: Path) -> tuple[Path, Path]:
-        """Write `NAME.secret` (mode 600, never overwritten) and `NAME.public` into `directory`."""
+        """Write `NAME.secret` (mode 600) and `NAME.public` into `directory`; never over a file or a link."""
         secret, public = directory / f"{self.name}.secret", directory / f"{self.name}.public"
         for path in (secret, public):
-            if path.exists():
-                raise EulerbakeError(f"{path} already exists; not overwriting a key",
-                                     hint="choose another name (keys are rotated by name: NAME-2)")
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{self}\n")
-        public.write_text(f"{self.public()}\n")
+            if os.path.lexists(path):
+                raise _exists(path)
+        _create(secret, f"{self}\n", 0o600)
+        try:
+            _create(public, f"{self.public()}\n", 0o644)
+        except BaseException:
+            secret.unlink()  # a pair or nothing
+            raise
         return secret, public
+
+
+def _exists(path: Path) -> EulerbakeError:
+    return EulerbakeError(f"{path} already exists; not overwriting a key",
+                          hint="choose another name (keys are rotated by name: NAME-2)")
+
+
+def _create(path: Path, text: str, mode: int) -> None:
+    """Create `path` with `text`: a file or link that appeared there meanwhile is refused, never followed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except FileExistsError:
+        raise _exists(path) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def parse_public_keys(texts: Iterable[str]) -> list[PublicKey]:
