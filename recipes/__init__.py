@@ -113,18 +113,7 @@ def _aws_settings() -> dict[str, Any]:
     aws = dict(config.load().table("aws"))
     return {"region": str(aws.get("region", "us-east-1")), "profile": aws.get("profile"),
             "endpoint_url": aws.get("endpoint_url"), "via": str(aws.get("via", "ebs")), "bucket": aws.get("bucket"),
-            "boot_check": _switch(aws, "aws", "boot_check", True)}
-
-
-def _switch(table: dict[str, Any], name: str, key: str, default: bool) -> bool:
-    """An on/off value of a pass-through table: true/false or "on"/"off", anything else one clear error."""
-    value = table.get(key, default)
-    if isinstance(value, bool):
-        return value
-    if value in config.SWITCH:
-        return value == "on"
-    raise EulerbakeError(f"{config.PYPROJECT}: {config.key_path(*config.TABLE, name, key)} = {value!r} is not a switch",
-                         hint=f'write {key} = true or false ("on" or "off")')
+            "boot_check": config.switch(aws, (*config.TABLE, "aws"), "boot_check", True)}
 
 
 def publish_targets(rel: releases.Release) -> list[Node]:
@@ -154,10 +143,10 @@ def publish_targets(rel: releases.Release) -> list[Node]:
     resource = str(maas.get("name", release_name(rel.version)))
     # The installed disk the tarball is packed from, booted the same way (no hygiene: maas-tgz does it).
     maas_proof = boot(f"{rel.label}:maas", installed, arch=rel.arch, expect_module=None)
+    checked = config.switch(maas, (*config.TABLE, "maas"), "boot_check", True)
     nodes.append(maas_proof)
     nodes.append(maas_upload(rel.label, tarball, name=resource, title=release_title(rel.version), arch=rel.arch,
-                             profile=str(maas.get("profile", "default")),
-                             boot_check=maas_proof if _switch(maas, "maas", "boot_check", True) else None))
+                             profile=str(maas.get("profile", "default")), boot_check=maas_proof if checked else None))
     return nodes
 
 

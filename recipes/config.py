@@ -189,6 +189,13 @@ def _switch(path: Path, key: str, value: Any, choices: Sequence[str], allowed: s
     raise _fail(path, key, f"= {_show(value)} is not one of {', '.join(choices)}", allowed)
 
 
+def switch(table: dict[str, Any], where: tuple[str, ...], key: str, default: bool) -> bool:
+    """An on/off setting of a table the engine passes through (aws, maas): true/false or "on"/"off"."""
+    value = _switch(PYPROJECT, key_path(*where, key), table.get(key, default), SWITCH,
+                    f'{key} = true or false ("on" or "off")')
+    return value == "on"
+
+
 def _show(value: Any) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
 

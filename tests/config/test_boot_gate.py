@@ -29,7 +29,7 @@ def test_the_ami_depends_on_the_boot_proof_of_the_disk_it_publishes(write_config
     assert ami.target["boot_check"] == "on"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("off", ["false", '"off"'])
+@pytest.mark.parametrize("off", ["false", '"off"', '"OFF"'])  # read as every other switch of [tool.eulerbake]
 def test_boot_check_turned_off_is_recorded_and_changes_the_key(write_config: WriteConfig, off: str) -> None:
     write_config("[tool.eulerbake]\n")
     label = ":".join(CELL)
@@ -41,11 +41,12 @@ def test_boot_check_turned_off_is_recorded_and_changes_the_key(write_config: Wri
     assert unchecked.key != checked.key  # type: ignore[attr-defined]
 
 
-def test_a_boot_check_that_is_not_a_switch_is_one_message(write_config: WriteConfig) -> None:
-    write_config('[tool.eulerbake.aws]\nboot_check = "maybe"\n')
-    with pytest.raises(EulerbakeError, match=r"tool\.eulerbake\.aws\.boot_check = 'maybe' is not a switch") as caught:
+@pytest.mark.parametrize("table", ["aws", "maas"])
+def test_a_boot_check_that_is_not_a_switch_is_one_message(write_config: WriteConfig, table: str) -> None:
+    write_config(f'[tool.eulerbake.{table}]\nboot_check = "maybe"\n')
+    with pytest.raises(EulerbakeError, match=rf'\.{table}\.boot_check = "maybe" is not one of on, off') as caught:
         _nodes()
-    assert "true or false" in (caught.value.hint or "")
+    assert caught.value.hint == 'allowed: boot_check = true or false ("on" or "off")'
 
 
 def test_the_maas_upload_depends_on_the_boot_proof_of_the_installed_disk(write_config: WriteConfig) -> None:
