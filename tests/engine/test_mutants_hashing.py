@@ -105,6 +105,82 @@ def test_the_stat_cache_makes_its_directories(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_a_row_read_from_the_database_is_answered_the_same_the_second_time(tmp_path: Path) -> None:
+    """Another process's cache: the first lookup reads the row from SQLite and keeps it in memory, the second
+    is served from memory, and both give (blake3, sha256) in that order."""
+    path = _old(tmp_path / "f", b"x")
+    writer = hashing.StatCache(tmp_path / "stat.sqlite3")
+    writer.remember(path, path.stat(), "2" * 64, "3" * 64)
+    writer.close()
+    reader = hashing.StatCache(tmp_path / "stat.sqlite3")
+    assert [reader.lookup(path, path.stat()) for _ in range(2)] == [("2" * 64, "3" * 64)] * 2
+    reader.close()
+
+
+class _Counted:
+    """A sqlite3 connection that counts its statements (the in-process layer exists to save them)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn, self.statements = conn, 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.statements += 1
+        return self.conn.execute(sql, *args)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_a_path_asked_again_in_one_process_costs_no_query(tmp_path: Path) -> None:
+    """A graph names the same files many times: after the first answer (read from SQLite, or just
+    remembered), the same path with the same stats is answered from memory; moved stats ask SQLite again."""
+    path, other = _old(tmp_path / "f", b"x"), _old(tmp_path / "g", b"y")
+    writer = hashing.StatCache(tmp_path / "stat.sqlite3")
+    writer.remember(path, path.stat(), "2" * 64, "3" * 64)
+    writer.close()
+    cache = hashing.StatCache(tmp_path / "stat.sqlite3")
+    counted = _Counted(cache._conn)
+    cache._conn = counted  # type: ignore[assignment]
+    assert cache.lookup(path, path.stat()) == ("2" * 64, "3" * 64) and counted.statements == 1
+    assert cache.lookup(path, path.stat()) == ("2" * 64, "3" * 64) and counted.statements == 1  # from memory
+    assert cache.lookup(other, other.stat()) is None and counted.statements == 2  # not the first path's answer
+    cache.remember(other, other.stat(), "4" * 64, None)
+    queries = counted.statements
+    assert cache.lookup(other, other.stat()) == ("4" * 64, None) and counted.statements == queries
+    os.utime(path, (1_000_000_001, 1_000_000_001))
+    assert cache.lookup(path, path.stat()) is None and counted.statements == queries + 1  # moved: asked again
+    cache.close()
+
+
+def test_pointing_the_cache_at_its_own_database_again_keeps_it(stat_cache: hashing.StatCache,
+                                                                 tmp_path: Path) -> None:
+    """`use_stat_cache` with the path already in use keeps the open cache and what it remembers in memory;
+    another path opens another."""
+    hashing.use_stat_cache(stat_cache.db_path)
+    assert hashing._stat_cache is stat_cache
+    hashing.use_stat_cache(tmp_path / "other.sqlite3")
+    assert hashing._stat_cache is not None and hashing._stat_cache.db_path == tmp_path / "other.sqlite3"
+
+
+def test_a_sparse_file_reads_only_its_data(tmp_path: Path) -> None:
+    """bytes_read counts what was read: a sparse file of at least the mmap threshold reads its data regions
+    only; a smaller sparse file and a dense one are read whole (the same digest either way)."""
+    mib = 1 << 20
+    cases = {"sparse": (hashing.MMAP_THRESHOLD, 4 * mib, mib), "small": (hashing.MMAP_THRESHOLD // 4, 0, 4096),
+             "dense": (hashing.MMAP_THRESHOLD, 0, hashing.MMAP_THRESHOLD)}  # (size, where the data is, how much)
+    read = {}
+    for name, (size, offset, data) in cases.items():
+        path = tmp_path / name
+        with path.open("wb") as f:
+            f.seek(offset)
+            f.write(b"\1" * data)
+            f.truncate(size)
+        before = hashing.STATS.bytes_read
+        assert hashing.hash_file(path, use_cache=False) == blake3.blake3(path.read_bytes()).hexdigest()
+        read[name] = hashing.STATS.bytes_read - before
+    assert read == {"sparse": 1 << 20, "small": hashing.MMAP_THRESHOLD // 4, "dense": hashing.MMAP_THRESHOLD}
+
+
 class _Flaky:
     """A sqlite3 connection whose statements fail `failures` times (another process holds the database)."""
 

@@ -212,3 +212,18 @@ def test_a_stamp_that_cannot_be_taken_is_never_recorded(tmp_path: Path, monkeypa
     monkeypatch.setattr(seal, "stamp", unreadable)
     assert store.seal_problems(meta["key"], path) == []  # the full check found it intact
     assert record_file.read_bytes() == before
+
+
+def test_verify_never_believes_the_stat_cache(tmp_path: Path) -> None:
+    """`store verify` re-hashes from disk: a wrong answer in the stat cache for an intact file is not a problem."""
+    store = Store(tmp_path / "store")
+    _drv, meta = _entry(store, "cached")
+    hashing.use_stat_cache(tmp_path / "stat.sqlite3")
+    try:
+        assert hashing._stat_cache is not None
+        inside = Path(meta["path"]) / "f0.txt"
+        hashing._stat_cache.remember(inside, inside.stat(), "0" * 64, None)
+        assert hashing.hash_file(inside) == "0" * 64  # the poison is in place
+        assert store.verify([meta]) == []
+    finally:
+        hashing.use_stat_cache(None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,41 @@ def test_the_stamp_follows_paths_not_listing_order(tmp_path: Path) -> None:
     assert seal.stamp(one) == seal.stamp(one)
     os.utime(one / "y", ns=(1, 1))
     assert seal.stamp(one) != seal.stamp(one.parent / "two")
+
+
+@pytest.fixture
+def poisoned_cache(tmp_path: Path) -> Iterator[hashing.StatCache]:
+    """A stat cache to put wrong answers in: the seal is made and checked from the bytes, never from it."""
+    hashing.use_stat_cache(tmp_path / "stat.sqlite3")
+    assert hashing._stat_cache is not None
+    yield hashing._stat_cache
+    hashing.use_stat_cache(None)
+
+
+def test_the_seal_record_is_hashed_from_the_bytes(tmp_path: Path, poisoned_cache: hashing.StatCache) -> None:
+    root = _tree(tmp_path / "entry")
+    truth = hashing.hash_file(root / "a.txt", use_cache=False)
+    poisoned_cache.remember(root / "a.txt", (root / "a.txt").stat(), "0" * 64, None)
+    assert hashing.hash_file(root / "a.txt") == "0" * 64  # the poison is in place
+    assert seal.record(root)["entries"]["a.txt"][-1] == truth
+
+
+def test_a_changed_file_is_found_whatever_the_stat_cache_says(sealed: tuple[Path, dict[str, object]],
+                                                              poisoned_cache: hashing.StatCache) -> None:
+    root, record = sealed
+    os.chmod(root / "a.txt", 0o644)
+    (root / "a.txt").write_text("ALPHA\n")  # the same size: the content decides
+    os.utime(root / "a.txt", (EPOCH + 5, EPOCH + 5))  # long past: a time the cache keeps
+    entries = record["entries"]
+    assert isinstance(entries, dict)
+    poisoned_cache.remember(root / "a.txt", (root / "a.txt").stat(), entries["a.txt"][-1], None)  # "unchanged"
+    assert hashing.hash_file(root / "a.txt") == entries["a.txt"][-1]  # the poison is in place
+    assert seal.check(root, record) == ["a.txt: content changed since it was sealed"]
+
+
+def test_an_intact_tree_is_walked_once(sealed: tuple[Path, dict[str, object]],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check counts what it found: only missing entries cost a second walk to name them."""
+    root, record = sealed
+    monkeypatch.setattr(seal, "_walk", lambda _path: pytest.fail("walked the tree a second time"))
+    assert seal.check(root, record) == []

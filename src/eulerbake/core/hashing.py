@@ -52,7 +52,7 @@ class HashStats:
     """Counters for tests and benchmarks: how much content was really read."""
 
     files_hashed: int = 0
-    bytes_read: int = 0
+    bytes_read: int = 0  # a sparse file's data regions only: its holes are never read
     cache_hits: int = 0
 
 
@@ -109,6 +109,7 @@ def _hash_sparse(path: Path, size: int) -> str:
                     hasher.update(_ZEROS[:step] if step < CHUNK else _ZEROS)
                     position += step
                 hasher.update(memoryview(mapped)[start:end])
+                STATS.bytes_read += end - start
                 position = end
         while position < size:
             step = min(CHUNK, size - position)
@@ -125,9 +126,9 @@ def _hash_file_uncached(path: Path, with_sha256: bool) -> tuple[str, str | None]
     st = path.stat()
     size = st.st_size
     STATS.files_hashed += 1
-    STATS.bytes_read += size
     if not with_sha256 and _is_sparse(st):
         return _hash_sparse(path, size), None
+    STATS.bytes_read += size
     if not with_sha256:
         hasher = blake3.blake3(max_threads=_threads if size >= MMAP_THRESHOLD else 1)
         if size >= MMAP_THRESHOLD:
