@@ -233,13 +233,22 @@ def provenance_main(argv: Sequence[str], project: Project | None = None) -> int:
                 continue
             meta = store.read_meta(store.meta_path(node))
             if meta.get("substituted_from"):
-                errors.print(f"[yellow]{escape(node.task_name)}[/]: came from a cache; its builder's provenance "
-                             "travels with it (not signed here)")
+                errors.print(f"[yellow]{escape(node.task_name)}[/]: came from a cache; not signed here (its "
+                             "builder's provenance comes with it when the builder signed one)")
                 continue
             path, _ = write_provenance(store, node, key)
             if not args.quiet:
                 errors.print(f"wrote {path}")
+    given = 0  # envelopes as a cache gave them (their builder's)
     for node in requested:
+        builders = provenance_path(store.path(node))
+        if store.meta_path(node).is_file() and store.read_meta(store.meta_path(node)).get("substituted_from") \
+                and builders.is_file():  # its builder's envelope, as the cache gave it: shown, never re-signed
+            if not args.quiet:
+                errors.print(f"{escape(node.task_name)}: came from a cache; its builder's provenance is {builders}")
+            envelopes.append(dsse.read(builders))
+            given += 1
+            continue
         if key is not None:
             path, envelope = write_provenance(store, node, key)
             if not args.quiet:
@@ -247,7 +256,7 @@ def provenance_main(argv: Sequence[str], project: Project | None = None) -> int:
         else:
             envelope = dsse.sign(statement_for(store, node))
         envelopes.append(envelope)
-    if key is None and not args.quiet:
+    if key is None and not args.quiet and len(envelopes) > given:
         errors.print("[yellow]unsigned[/]: pass --sign-key FILE (or set EULERBAKE_SIGNING_KEY_FILE) to sign it and "
                      "write it into the store")
     if args.output is not None:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROVENANCE_SUFFIX = ".provenance.json"
+from eulerbake.store.local import PROVENANCE_SUFFIX
+
+__all__ = ["PROVENANCE_SUFFIX", "SIGNING_KEY_ENV", "provenance_path"]
+
 SIGNING_KEY_ENV = "EULERBAKE_SIGNING_KEY_FILE"  # the same key (and variable) that signs cache entries
 
 

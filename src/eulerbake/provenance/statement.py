@@ -384,8 +384,11 @@ def statement_for(store: Store, node: Node, meta: Mapping[str, Any] | None = Non
     if meta["key"] != node.key:
         raise EulerbakeError(f"the store entry {meta['key']} is not {node.task_name}'s (key {node.key})")
     if meta.get("substituted_from"):
+        builders = store.provenance_path(node)
         raise EulerbakeError(f"{node.task_name} was not built here: it came from the cache {meta['substituted_from']}",
-                             hint="its provenance is the one its builder signed, which travels with the cache entry")
+                             hint=f"its builder's provenance came with it: {builders}" if builders.is_file() else
+                             "the cache entry had no provenance (its builder signed none): set "
+                             f"{SIGNING_KEY_ENV} on the runner that builds and pushes")
     fresh = out is not None
     out = out if out is not None else store.path(node)
     if log_file is None and store.log_path(node).is_file():

@@ -38,6 +38,7 @@ from eulerbake.tools.run import recording
 DEFAULT_SOURCE_DATE_EPOCH = 1_700_000_000  # 2023-11-14T22:13:20Z, used when the recipe sets none
 SHARED_STORE_ENV = "EULERBAKE_SHARED_STORE"  # a store that a group of users writes to on purpose
 NO_REBUILD_CORRUPT_ENV = "EULERBAKE_NO_REBUILD_CORRUPT"  # fail instead of rebuilding a corrupted entry
+PROVENANCE_SUFFIX = ".provenance.json"  # an entry's signed provenance, beside its metadata (see `provenance`)
 META_FIELDS = ("key", "name", "task", "manifest", "output")
 ENTRY_RE = re.compile(r"^(([0-9a-f]{32})-[A-Za-z0-9][A-Za-z0-9._+-]*?)(\.provenance\.json|\.json|\.log)?$")
 GC_LOCK = "gc"  # store/.locks/gc.lock: shared by builds, exclusive for gc
@@ -60,8 +61,9 @@ class Substituter(Protocol):
     url: str
 
     def fetch(self, node: Node, out: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
-        """Unpack `node`'s entry into `out` (a fresh directory to create) and return its verified metadata;
-        None when the cache does not have it. Raises EulerbakeError for an entry it refuses."""
+        """Unpack `node`'s entry into `out` (a fresh directory to create) and return its verified metadata
+        (with `provenance`: the builder's envelope as bytes, when the cache has it); None when the cache does
+        not have it. Raises EulerbakeError for an entry it refuses."""
         ...
 
 
@@ -317,9 +319,15 @@ class Store:
             meta = substituter.fetch(node, tmp / "out", log)
             if meta is None:
                 return False
+            envelope = meta.pop("provenance", None)
+            provenance = None
+            if envelope is not None:  # its builder's, as the cache gave it
+                provenance = tmp / "provenance.json"
+                provenance.write_bytes(envelope)
             extra = {k: v for k, v in meta.items() if k not in ("key", "name", "task", "kind", "manifest", "output")}
             extra["substituted_from"] = substituter.url
-            self.commit(node, tmp, source_date_epoch(node), extra, expected_output_hash=meta["output"]["hash"])
+            self.commit(node, tmp, source_date_epoch(node), extra, expected_output_hash=meta["output"]["hash"],
+                        provenance=provenance)
             log(f"{node.task_name}: substituted from {substituter.url}")
             return True
         except EulerbakeError as err:
@@ -341,7 +349,7 @@ class Store:
 
     def provenance_path(self, node: Node) -> Path:
         """The signed provenance of `node`'s entry: `store/<key>-<name>.provenance.json` (see `provenance`)."""
-        return self.root / f"{node.key}-{node.store_name}.provenance.json"
+        return self.root / f"{node.key}-{node.store_name}{PROVENANCE_SUFFIX}"
 
     def failed_log_path(self, node: Node) -> Path:
         """The log of the last failed build of `node`: `store/.failed/<key>-<name>.log` (not an entry)."""
@@ -427,7 +435,7 @@ class Store:
 
     def commit(self, node: Node, tmp: Path, epoch: int, meta_extra: dict[str, Any], *,
                log_file: Path | None = None, expected_output_hash: str | None = None,
-               secrets: Mapping[str, str] | None = None) -> None:
+               secrets: Mapping[str, str] | None = None, provenance: Path | None = None) -> None:
         """Seal `tmp/out`, record it and commit it as `node`'s entry: the only way anything enters the store.
 
         Builds and substitutions (a cache download unpacked into `tmp/out`) both end here: sealed, hashed
@@ -435,7 +443,7 @@ class Store:
         log. With `expected_output_hash` (what the cache says it holds) a different hash commits nothing.
         With a signing key (EULERBAKE_SIGNING_KEY_FILE) a build's signed provenance is made from `tmp/out`
         before any rename and renamed in right after the metadata; a failure to make it commits nothing.
-        A substituted entry keeps the provenance its builder signed (it travels with the cache entry).
+        A substituted entry keeps the provenance its builder signed, as the cache gave it (`provenance`).
         """
         out = tmp / "out"
         seal.seal(out, epoch)
@@ -465,7 +473,6 @@ class Store:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        provenance = None
         if "substituted_from" not in meta_extra:
             from eulerbake.provenance.statement import commit_provenance  # lazy: provenance sits above the store
 

@@ -9,6 +9,10 @@ Layout (the same on both backends, like a Nix binary cache):
   so a reader needs the public key only, never the secret one.
 - `archives/<blake3>.tar.zst` — the entry as one archive (`store.archive`), named by its own hash: two
   entries with the same bytes share it, and a name can never hold other bytes unnoticed.
+- `provenance/<sha256>.json` — the entry's provenance envelope as its builder signed it (when it was
+  signed), named by its sha256, which the metadata's `provenance` field gives; a runner that takes the
+  entry keeps it beside the entry, so `eulerbake audit` works there as where it was built. The envelope
+  carries its own signature: the entry's signature does not cover it.
 
 Publishing order is what keeps readers safe without a server: the archive first, the signed metadata
 last and only once every reference's metadata is there, written with a conditional create (S3
@@ -23,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -44,7 +49,7 @@ from eulerbake.core import hashing
 from eulerbake.core.derivation import Node
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store import archive
-from eulerbake.store.local import Store
+from eulerbake.store.local import PROVENANCE_SUFFIX, Store
 from eulerbake.store.signing import PublicKey, SecretKey, check_signatures, parse_public_keys
 
 ENTRY_FORMAT = "eulerbake-cache-entry/1"
@@ -57,6 +62,7 @@ SIGNING_KEY_ENV = "EULERBAKE_SIGNING_KEY_FILE"
 REQUIRE_SIGNATURES_ENV = "EULERBAKE_REQUIRE_SIGNATURES"
 PUSH_TO_ENV = "EULERBAKE_PUSH_TO"
 CONFIG_KEYS = ("substituters", "trusted-public-keys", "require-signatures", "push-to")
+MAX_PROVENANCE_BYTES = 16 * 2**20  # an envelope is a few KiB: more is not one
 
 Log = Callable[[str], None]
 
@@ -490,6 +496,10 @@ def entry_name(key: str) -> str:
     return f"entries/{key}.json"
 
 
+def provenance_name(sha256: str) -> str:
+    return f"provenance/{sha256}.json"
+
+
 def _label(meta: Mapping[str, Any]) -> str:
     return f"{meta.get('key', '?')}-{meta.get('name', '?')}"
 
@@ -620,15 +630,37 @@ class Cache:
         if packed["compression"] != archive.COMPRESSION:
             raise Refused(f"cache entry {label} refused: unknown compression {packed['compression']!r}")
         log(f"{node.task_name}: fetching {_size(int(packed['size']))} from {self.url}")
+        envelope = self._provenance(meta, label)
         unpacked = self._receive(meta, out, label)
         seconds = time.monotonic() - started
         log(f"{node.task_name}: unpacked {_size(unpacked.apparent_bytes)} ({_size(unpacked.written_bytes)} written) "
             f"in {seconds:.1f}s")
-        return {
-            "key": meta["key"], "name": meta["name"], "task": meta["task"], "output": dict(meta["output"]),
-            "substitution": {"signed_by": signer, "archive_hash": packed["hash"], "archive_bytes": int(packed["size"]),
-                             "compression": packed["compression"], "seconds": round(seconds, 3)},
-        }
+        substitution = {"signed_by": signer, "archive_hash": packed["hash"], "archive_bytes": int(packed["size"]),
+                        "compression": packed["compression"], "seconds": round(seconds, 3)}
+        fetched: dict[str, Any] = {"key": meta["key"], "name": meta["name"], "task": meta["task"],
+                                   "output": dict(meta["output"]), "substitution": substitution}
+        if envelope is not None:
+            substitution["provenance_sha256"] = meta["provenance"]["sha256"]
+            fetched["provenance"] = envelope
+        return fetched
+
+    def _provenance(self, meta: Mapping[str, Any], label: str) -> bytes | None:
+        """The entry's provenance envelope, when its metadata names one: exactly the bytes it names."""
+        named = meta.get("provenance")
+        if named is None:
+            return None
+        try:
+            digest, size = str(named["sha256"]), int(named["size"])
+        except (KeyError, TypeError, ValueError):
+            raise Refused(f"cache entry {label} refused: its provenance field is garbled",
+                          hint="remove it: eulerbake cache verify --delete") from None
+        data = self.backend.read(provenance_name(digest)) if 0 < size <= MAX_PROVENANCE_BYTES else None
+        if data is None or len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+            raise Refused(f"cache entry {label} refused: its provenance {provenance_name(digest)} is "
+                          f"{'missing' if data is None else 'not the bytes its metadata names'}",
+                          hint="push the entry again from the runner that built it, or remove it: "
+                          "eulerbake cache verify --delete")
+        return data
 
     def _receive(self, meta: Mapping[str, Any], out: Path, label: str) -> archive.Unpacked:
         """Stream the entry's archive into `out`: hashed and counted as it arrives, unpacked as it goes.
@@ -693,7 +725,10 @@ class Cache:
             name = archive_name(packed.hash)
             if self.backend.sizes([name]).get(name) != packed.size:  # archive first (shared when bytes are equal)
                 self.backend.upload(name, temporary)
+            provenance = self._push_provenance(Path(f"{path}{PROVENANCE_SUFFIX}"))
         document = self._document(meta, packed)
+        if provenance is not None:
+            document["provenance"] = provenance
         if key is not None:
             document["signatures"] = [key.sign(fingerprint(document))]
         body = json.dumps(document, indent=1, sort_keys=True).encode() + b"\n"
@@ -704,6 +739,18 @@ class Cache:
             log(f"pushed {meta['task']} ({_size(packed.size)} archive of {_size(packed.apparent_bytes)}) to "
                 f"{self.url} in {seconds:.1f}s")
         return PushResult(label, "pushed" if created else "present", packed.size, seconds)
+
+    def _push_provenance(self, envelope: Path) -> dict[str, Any] | None:
+        """Upload the entry's provenance envelope (before its metadata names it); None when it has none."""
+        try:
+            data = envelope.read_bytes()
+        except FileNotFoundError:
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+        name = provenance_name(digest)
+        if self.backend.sizes([name]).get(name) != len(data):
+            self.backend.create(name, data)
+        return {"sha256": digest, "size": len(data)}
 
     @contextlib.contextmanager
     def _packing(self, store: Store, key: str) -> Iterator[Path]:
@@ -828,8 +875,9 @@ class Cache:
     def gc(self, *, older_than: float | None = None, grace: float = 24 * 3600, dry_run: bool = False,
            now: float | None = None) -> tuple[list[str], list[str]]:
         """Delete entries not written for `older_than` seconds that no newer entry references, then archives
-        no entry names that are older than `grace` (a push in flight has uploaded its archive but not yet
-        its metadata). Returns (entry names, archive names) deleted (or that would be, with `dry_run`)."""
+        and provenance envelopes no entry names that are older than `grace` (a push in flight has uploaded
+        them but not yet its metadata). Returns (entry names, archive and envelope names) deleted (or that
+        would be, with `dry_run`)."""
         now = time.time() if now is None else now
         entries = self.listing()
         by_key = {meta["key"]: (item, meta) for item, meta in entries if meta is not None}
@@ -845,7 +893,9 @@ class Cache:
             doomed_entries += [entry_name(key) for key in sorted(set(by_key) - keep)]
             by_key = {key: value for key, value in by_key.items() if key in keep}
         live = {archive_name(str(meta["archive"]["hash"])) for _item, meta in by_key.values()}
-        doomed_archives = [item.name for item in self.backend.listing("archives")
+        live |= {provenance_name(str(meta["provenance"]["sha256"])) for _item, meta in by_key.values()
+                 if isinstance(meta.get("provenance"), dict) and "sha256" in meta["provenance"]}
+        doomed_archives = [item.name for prefix in ("archives", "provenance") for item in self.backend.listing(prefix)
                            if item.name not in live and now - item.modified > grace]
         if not dry_run:
             for name in doomed_entries:  # metadata first: no reader is ever pointed at a deleted archive
