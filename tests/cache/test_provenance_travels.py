@@ -95,12 +95,17 @@ def test_an_entry_pushed_without_provenance_says_so(make_runner, dir_url: str, g
 def test_a_changed_provenance_refuses_the_entry(make_runner, dir_url: str, graph: Graph, upstream: Path,  # type: ignore[no-untyped-def]
                                                 ci_key: SecretKey, signing: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    _built_and_pushed(make_runner, dir_url, graph, ci_key)
+    a = _built_and_pushed(make_runner, dir_url, graph, ci_key)
     monkeypatch.delenv(SIGNING_KEY_ENV)
     cache = Path(dir_url.removeprefix("file://"))
     named = json.loads((cache / entry_name(graph.image.key)).read_text())["provenance"]
     envelope = cache / provenance_name(named["sha256"])
+    pushed = a.settings.push_cache(dir_url)
+    entry = pushed.read_entry(graph.image.key)
+    assert entry is not None and pushed.verify([entry], deep=False) == []  # `cache verify` checks it too
     envelope.write_bytes(envelope.read_bytes().replace(b'"payload": "', b'"payload": "X'))
+    (problem,) = pushed.verify([entry], deep=False)
+    assert problem.reason == f"its provenance {provenance_name(named['sha256'])} is not the bytes its metadata names"
     b: Runner = make_runner("b", [dir_url])
     fresh = make_graph(upstream)
     b.realise([fresh.image])

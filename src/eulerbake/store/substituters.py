@@ -823,8 +823,9 @@ class Cache:
 
     def verify(self, metas: Sequence[Mapping[str, Any]], *, deep: bool = True, work: Path | None = None
                ) -> list[Problem]:
-        """Check entries: signature, archive present with its size, references present; `deep` also downloads,
-        hashes and unpacks each archive and re-hashes the tree against the signed output hash."""
+        """Check entries: signature, archive present with its size, references present, the provenance it
+        names exactly those bytes; `deep` also downloads, hashes and unpacks each archive and re-hashes the
+        tree against the signed output hash."""
         problems: list[Problem] = []
         keys = {meta["key"] for meta in metas}
         present = self.query({ref for meta in metas for ref in meta.get("references", [])} - keys) | keys
@@ -849,6 +850,12 @@ class Cache:
                 problems.append(Problem(label, f"its archive is {sizes[name]} bytes, the metadata says "
                                         f"{meta['archive']['size']}", key))
                 continue
+            if meta.get("provenance") is not None:
+                try:
+                    self._provenance(meta, label)
+                except Refused as err:
+                    problems.append(Problem(label, err.message.split(": ", 1)[-1], key))
+                    continue
             if deep:
                 problem = self._deep_check(meta, work)
                 if problem:
