@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from eulerbake.cli.audit import provenance_main
+from eulerbake.cli.cache import cache_main
 from eulerbake.core.derivation import Node
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.provenance import SIGNING_KEY_ENV, dsse
@@ -115,12 +116,19 @@ def test_a_changed_provenance_refuses_the_entry(make_runner, dir_url: str, graph
 
 
 def test_cache_gc_keeps_named_provenance_and_drops_orphans(make_runner, dir_url: str, graph: Graph,  # type: ignore[no-untyped-def]
-                                                           ci_key: SecretKey, signing: Path) -> None:
+                                                           ci_key: SecretKey, signing: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     a = _built_and_pushed(make_runner, dir_url, graph, ci_key)
     cache = Path(dir_url.removeprefix("file://"))
     named = sorted(p.name for p in (cache / "provenance").iterdir())
     assert len(named) == 5
+    capsys.readouterr()
+    assert cache_main(["info", graph.image.key, "--cache", dir_url]) == 0
+    sha = json.loads((cache / entry_name(graph.image.key)).read_text())["provenance"]["sha256"]
+    assert f"provenance {sha}" in capsys.readouterr().out
     (cache / provenance_name("0" * 64)).write_bytes(b"{}")  # pushed, but its metadata never written
-    _entries, objects = a.settings.push_cache(dir_url).gc(grace=0, now=2**40)
-    assert objects == [provenance_name("0" * 64)]
+    assert a.settings.push_cache(dir_url).gc(grace=0, dry_run=True) == ([], [provenance_name("0" * 64)])
+    assert a.settings.push_cache(dir_url).gc(grace=3600) == ([], [])  # a push in flight: kept
+    assert cache_main(["gc", "--grace", "0", "--cache", dir_url]) == 0
+    assert "deleted 0 entries and 0 archives and 1 provenance envelopes" in capsys.readouterr().out
     assert sorted(p.name for p in (cache / "provenance").iterdir()) == named

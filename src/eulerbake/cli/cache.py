@@ -32,7 +32,7 @@ eulerbake cache push [TASK…] [--all]          upload the tasks' closures (defa
 eulerbake cache ls [--json]                   list the cache's entries
 eulerbake cache info ENTRY [--json]           one entry's metadata (key, key prefix or task name)
 eulerbake cache verify [ENTRY…] [--quick]     check signatures, archives and references; --delete the bad
-eulerbake cache gc [--older-than DAYS]        delete unreferenced archives (and entries older than DAYS)
+eulerbake cache gc [--older-than DAYS]        delete unreferenced archives and provenance (and entries older than DAYS)
 Options: --cache URL (default: push-to or the first substituter), --key FILE (push).
 """
 
@@ -205,6 +205,8 @@ def _info(cache: Cache, meta: dict[str, Any], as_json: bool) -> int:
     console.print(f"  output   {meta['output']['hash']}  {human_size(int(meta['output']['size']))}")
     console.print(f"  archive  {meta['archive']['hash']}  {human_size(int(meta['archive']['size']))} "
                   f"{meta['archive']['compression']}")
+    if isinstance(meta.get("provenance"), dict):
+        console.print(f"  provenance {meta['provenance'].get('sha256')}  (its builder's signed envelope)")
     for ref in meta.get("references", []):
         console.print(f"  needs    {ref}")
     for name, value in sorted(meta.get("origin", {}).items()):
@@ -236,7 +238,9 @@ def _gc(cache: Cache, args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for name in [*entries, *archives]:
         console.print(f"  {verb} {name}")
-    console.print(f"{verb} {len(entries)} entries and {len(archives)} archives from {cache.url}")
+    envelopes = sum(1 for name in archives if name.startswith("provenance/"))
+    console.print(f"{verb} {len(entries)} entries and {len(archives) - envelopes} archives"
+                  + (f" and {envelopes} provenance envelopes" if envelopes else "") + f" from {cache.url}")
     return 0
 
 
