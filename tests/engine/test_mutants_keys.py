@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,24 +67,33 @@ def test_hash_path_uses_the_stat_cache_only_when_asked(stat_cache: Path, tmp_pat
         assert cache_hits(path, use_cache=False) == 0
 
 
-def test_a_forked_child_hashes_on_its_own_thread_with_its_own_cache(stat_cache: Path) -> None:
-    parent_cache = hashing._stat_cache
-    assert parent_cache is not None
+def in_forked_child(report: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """What `report` returns when called in a forked child (which never returns into pytest)."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report what it inherited, never return into pytest
+    if pid == 0:
         try:
-            child = hashing._stat_cache
-            seen = {"threads": hashing._threads, "new": child is not parent_cache and child is not None,
-                    "path": str(child.db_path) if child is not None else None,
-                    "kept": any(c is parent_cache for c in hashing._inherited)}
-            os.write(write, json.dumps(seen).encode())
+            os.write(write, json.dumps(report()).encode())
         finally:
             os._exit(0)
     os.close(write)
     with os.fdopen(read) as f:
-        seen = json.loads(f.read())
+        seen: dict[str, Any] = json.loads(f.read())  # nothing written (the child raised): a JSON error here
     os.waitpid(pid, 0)
+    return seen
+
+
+def test_a_forked_child_hashes_on_its_own_thread_with_its_own_cache(stat_cache: Path) -> None:
+    parent_cache = hashing._stat_cache
+    assert parent_cache is not None
+
+    def inherited() -> dict[str, Any]:
+        child = hashing._stat_cache
+        return {"threads": hashing._threads, "new": child is not parent_cache and child is not None,
+                "path": str(child.db_path) if child is not None else None,
+                "kept": any(c is parent_cache for c in hashing._inherited)}
+
+    seen = in_forked_child(inherited)
     assert seen == {"threads": 1, "new": True, "path": str(stat_cache), "kept": True}
     assert hashing._stat_cache is parent_cache
 
@@ -95,18 +105,7 @@ def test_a_forked_child_whose_cache_is_gone_hashes_without_one(stat_cache: Path,
     for leftover in tmp_path.glob("cache.sqlite3*"):
         leftover.unlink()
     stat_cache.mkdir()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            seen = {"none": hashing._stat_cache is None, "hash": hashing.hash_file(tmp_path / "f")}
-            os.write(write, json.dumps(seen).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        seen = json.loads(f.read())
-    os.waitpid(pid, 0)
+    seen = in_forked_child(lambda: {"none": hashing._stat_cache is None, "hash": hashing.hash_file(tmp_path / "f")})
     assert seen == {"none": True, "hash": hashing.hash_bytes(b"f")}
 
 
