@@ -19,7 +19,7 @@ from rich.table import Table
 from eulerbake.core.derivation import Node, walk
 from eulerbake.core.errors import EulerbakeError
 from eulerbake.store.signing import SecretKey
-from eulerbake.store.substituters import Cache, CacheSettings, PushResult
+from eulerbake.store.substituters import PROVENANCE_DIR, Cache, CacheSettings, PushResult
 from eulerbake.tasks.planning import select
 from eulerbake.tasks.project import Project, find_project
 from eulerbake.tools.units import human_size
@@ -238,7 +238,7 @@ def _gc(cache: Cache, args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for name in [*entries, *archives]:
         console.print(f"  {verb} {name}")
-    envelopes = sum(1 for name in archives if name.startswith("provenance/"))
+    envelopes = sum(1 for name in archives if name.startswith(f"{PROVENANCE_DIR}/"))
     console.print(f"{verb} {len(entries)} entries and {len(archives) - envelopes} archives"
                   + (f" and {envelopes} provenance envelopes" if envelopes else "") + f" from {cache.url}")
     return 0

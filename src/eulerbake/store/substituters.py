@@ -63,6 +63,7 @@ REQUIRE_SIGNATURES_ENV = "EULERBAKE_REQUIRE_SIGNATURES"
 PUSH_TO_ENV = "EULERBAKE_PUSH_TO"
 CONFIG_KEYS = ("substituters", "trusted-public-keys", "require-signatures", "push-to")
 MAX_PROVENANCE_BYTES = 16 * 2**20  # an envelope is a few KiB: more is not one
+PROVENANCE_DIR = "provenance"  # the cache's folder of envelopes (`provenance_name`)
 
 Log = Callable[[str], None]
 
@@ -497,7 +498,7 @@ def entry_name(key: str) -> str:
 
 
 def provenance_name(sha256: str) -> str:
-    return f"provenance/{sha256}.json"
+    return f"{PROVENANCE_DIR}/{sha256}.json"
 
 
 def _label(meta: Mapping[str, Any]) -> str:
@@ -748,8 +749,8 @@ class Cache:
             return None
         digest = hashlib.sha256(data).hexdigest()
         name = provenance_name(digest)
-        if self.backend.sizes([name]).get(name) != len(data):
-            self.backend.create(name, data)
+        if self.backend.sizes([name]).get(name) != len(data):  # as an archive: named by its hash, a replace is harmless
+            self.backend.upload(name, envelope)
         return {"sha256": digest, "size": len(data)}
 
     @contextlib.contextmanager
@@ -850,12 +851,11 @@ class Cache:
                 problems.append(Problem(label, f"its archive is {sizes[name]} bytes, the metadata says "
                                         f"{meta['archive']['size']}", key))
                 continue
-            if meta.get("provenance") is not None:
-                try:
-                    self._provenance(meta, label)
-                except Refused as err:
-                    problems.append(Problem(label, err.message.split(": ", 1)[-1], key))
-                    continue
+            try:
+                self._provenance(meta, label)
+            except Refused as err:
+                problems.append(Problem(label, err.message.split(": ", 1)[-1], key))
+                continue
             if deep:
                 problem = self._deep_check(meta, work)
                 if problem:
@@ -902,7 +902,7 @@ class Cache:
         live = {archive_name(str(meta["archive"]["hash"])) for _item, meta in by_key.values()}
         live |= {provenance_name(str(meta["provenance"]["sha256"])) for _item, meta in by_key.values()
                  if isinstance(meta.get("provenance"), dict) and "sha256" in meta["provenance"]}
-        doomed_archives = [item.name for prefix in ("archives", "provenance") for item in self.backend.listing(prefix)
+        doomed_archives = [item.name for prefix in ("archives", PROVENANCE_DIR) for item in self.backend.listing(prefix)
                            if item.name not in live and now - item.modified > grace]
         if not dry_run:
             for name in doomed_entries:  # metadata first: no reader is ever pointed at a deleted archive
